@@ -1,0 +1,178 @@
+"""fedaqt command line (typer): run, report, data, plugins."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated quantized training simulation (Flower + Ray).")
+data_app = typer.Typer(no_args_is_help=True, help="Build or inspect datasets.")
+plugins_app = typer.Typer(no_args_is_help=True, help="Registered workloads and strategies.")
+app.add_typer(data_app, name="data")
+app.add_typer(plugins_app, name="plugins")
+console = Console()
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    preset: Optional[str] = typer.Option(None, help="named configuration shipped with fedaqt (see `fedaqt plugins list`)"),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML or JSON config file (a run's config.json repeats it)"),
+    workload: Optional[str] = typer.Option(None, help="workload name (default asr)"),
+    strategy: Optional[str] = typer.Option(None, help="fedsgd, fedavg, relay, fedprox, fedavgm, fedadam, fedyogi or a plugin"),
+    bits: Optional[int] = typer.Option(None, help="broadcast weight bit-width: 32, 8 or 4"),
+    granularity: Optional[str] = typer.Option(None, help="scale granularity: tensor or channel"),
+    algorithm: Optional[str] = typer.Option(None, help="client algorithm: fedsgd or fedavg"),
+    uplink_bits: Optional[int] = typer.Option(None, help="upload encoding: 32 (float32), 16 (float16), 8 (int8 SR)"),
+    num_clients: Optional[int] = typer.Option(None, help="number of clients (data partitions)"),
+    clients_per_round: Optional[int] = typer.Option(None, help="clients sampled per round"),
+    rounds: Optional[int] = typer.Option(None, help="number of rounds"),
+    local_steps: Optional[int] = typer.Option(None, help="local SGD steps per round (fedavg)"),
+    batch_size: Optional[int] = typer.Option(None, help="client batch size"),
+    lr: Optional[float] = typer.Option(None, help="client learning rate (fedavg)"),
+    server_lr: Optional[float] = typer.Option(None, help="server learning rate"),
+    server_momentum: Optional[float] = typer.Option(None, help="server SGD momentum"),
+    seed: Optional[int] = typer.Option(None, help="the one seed all randomness derives from"),
+    out: Optional[str] = typer.Option(None, help="run directory"),
+    checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help="gradient checkpointing of encoder blocks"),
+    num_cpus: Optional[int] = typer.Option(None, help="CPU cores given to Ray"),
+    client_num_cpus: Optional[float] = typer.Option(None, help="CPU cores per simulated client"),
+    eval_every: Optional[int] = typer.Option(None, help="evaluate every N rounds (and the first and last)"),
+    data_dir: Optional[str] = typer.Option(None, help="dataset directory (LibriSpeech layout for asr)"),
+    model_size: Optional[str] = typer.Option(None, help="model size preset: tiny, small, large"),
+    partition: Optional[str] = typer.Option(None, help="data partition: speaker, iid or dirichlet"),
+    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration for --partition dirichlet"),
+    ray_address: Optional[str] = typer.Option(None, help="attach to an existing Ray cluster (e.g. 127.0.0.1:6379)"),
+    device_profile: Optional[str] = typer.Option(None, help="CSV of per-client memory budgets"),
+    option: list[str] = typer.Option([], "--option", "-o", help="workload/strategy option KEY=VALUE (repeatable)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Flower/Ray logs"),
+) -> None:
+    """Run a federated simulation and write the run directory."""
+    from fedaqt.config import ConfigError, resolve_config
+    from fedaqt.sim.runner import run_experiment
+
+    cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "verbose", "resolve_config", "run_experiment", "ConfigError")}
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = resolve_config(preset, config, cli)
+        if option:
+            opts = dict(cfg.options)
+            for item in option:
+                if "=" not in item:
+                    raise ConfigError(f"--option {item!r} must be KEY=VALUE")
+                k, v = item.split("=", 1)
+                opts[k] = _parse_value(v)
+            cfg = cfg.override({"options": opts})
+    except ConfigError as exc:
+        _fail(str(exc))
+    console.print(f"[bold]fedaqt run[/] workload={cfg.workload} strategy={cfg.strategy} bits={cfg.bits} "
+                  f"algorithm={cfg.algorithm} clients={cfg.clients_per_round}/{cfg.num_clients} rounds={cfg.rounds} -> {cfg.out}")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("[bold blue]round"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"), console=console, transient=False,
+    ) as bar:
+        task = bar.add_task("rounds", total=cfg.rounds, info="starting Ray...")
+
+        def progress(rnd: int, row: dict) -> None:
+            shown = {k: row[k] for k in ("train_loss", "eval_cer", "eval_wer", "eval_accuracy", "eval_accuracy_acc8") if k in row}
+            bar.update(task, completed=rnd, info=" ".join(f"{k}={v:.3f}" for k, v in shown.items()))
+
+        try:
+            summary = run_experiment(cfg, progress=progress)
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+    _print_summary(summary, cfg.out)
+
+
+def _parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    table = Table(title=f"run summary ({out})")
+    table.add_column("key")
+    table.add_column("value")
+    for k, v in summary.items():
+        if k in ("config", "workload"):
+            continue
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+@app.command()
+def report(run_dir: str = typer.Argument(..., help="a run directory written by `fedaqt run`")) -> None:
+    """Print the per-round table of a run and save figures/metrics.png."""
+    from fedaqt.report.figures import load_rounds, metric_columns, plot_metrics
+
+    try:
+        rounds = load_rounds(run_dir)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    cols = ["round", "train_loss"] + metric_columns(rounds) + [c for c in ("relay_norm_ratio", "bytes_down", "bytes_up", "clients_ok", "seconds") if c in rounds]
+    table = Table(title=f"{run_dir}/rounds.csv")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for _, r in rounds.iterrows():
+        table.add_row(*["" if r[c] != r[c] else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])) for c in cols])
+    console.print(table)
+    fig = plot_metrics(rounds, Path(run_dir) / "figures" / "metrics.png", title=str(run_dir))
+    console.print(f"figure: {fig}")
+
+
+@data_app.command("speech")
+def data_speech(
+    out: str = typer.Option("data/speech", help="output directory (LibriSpeech layout)"),
+    num_train_speakers: int = typer.Option(32, help="training speakers (one per client)"),
+    num_eval_speakers: int = typer.Option(8, help="held-out evaluation speakers"),
+    utterances_per_speaker: int = typer.Option(24, help="utterances per training speaker"),
+    seed: int = typer.Option(0, help="seed for voices, lines and variation"),
+) -> None:
+    """Build the default speech corpus: Shakespeare roles read by flite / espeak-ng speakers."""
+    from fedaqt.data.corpus import build_speech_corpus
+
+    try:
+        info = build_speech_corpus(out, num_train_speakers=num_train_speakers, num_eval_speakers=num_eval_speakers,
+                                   utterances_per_speaker=utterances_per_speaker, seed=seed)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print_json(json.dumps(info, default=str))
+
+
+@plugins_app.command("list")
+def plugins_list() -> None:
+    """List workloads and strategies: name, kind, source package, description."""
+    from fedaqt.config import list_presets
+    from fedaqt.plugins import list_plugins
+
+    table = Table(title="fedaqt plugins")
+    for c in ("name", "kind", "source", "description"):
+        table.add_column(c)
+    for p in list_plugins():
+        table.add_row(p.name, p.kind, p.source, p.description)
+    for name in list_presets():
+        table.add_row(name, "preset", "fedaqt", "named configuration (--preset)")
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,644 @@
+"""Native quantized layers: weights live only as int codes + float scale (spec 2.2 step 2).
+
+Each layer holds the weight as two buffers, ``codes`` (int8; int4 values in ``[-7, 7]`` also use int8 in memory)
+and ``scale`` (float, 0-d per tensor or ``[out]`` per channel), plus an ordinary float ``bias`` parameter (or None).
+No float weight tensor is stored anywhere in the module.
+
+Forward quantizes the input activation dynamically to int8 (per tensor, detached scale, spec 1.1) and computes the
+output from the integer operands, ``y = s_x * s_w * (q_x @ q_w^T) + bias``, in the input's floating dtype (exact
+integer accumulation while ``|acc| < 2^24`` in float32 / ``2^53`` in float64). A custom
+:class:`torch.autograd.Function` saves for backward only the int8 activation codes, the int8 weight codes and the
+two scales; backward rebuilds ``x̂ = s_x q_x`` and ``ŵ = s_w q_w`` transiently and returns
+``grad_x = grad_y @ ŵ`` and ``grad_w = grad_y^T @ x̂`` (STE through both quantizers).
+
+Because the weight is a buffer, ``grad_w`` does not land in a ``.grad``: it is delivered to the layer, by default
+accumulated into ``layer.weight_grad`` (float, shaped like the weight), or passed to a hook installed with
+:meth:`QuantLayer.set_weight_grad_hook` (``fn(layer, grad_w)``), called exactly once per backward pass through the
+layer (also under non-reentrant gradient checkpointing, whose recomputation runs only the forward).
+
+This module imports nothing from other fedaqt packages.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantize import (
+    broadcast_scale,
+    check_granularity,
+    dequantize,
+    qmax,
+    quantize,
+    quantize_activation,
+)
+
+__all__ = [
+    "ACT_BITS",
+    "QuantLayer",
+    "QuantLinear",
+    "QuantConv1d",
+    "QuantMultiheadAttention",
+    "WeightGradHook",
+]
+
+#: Activation bit-width for every quantized layer (spec 1.1 [CHOICE]: int8 activations for int8 and int4 weights).
+ACT_BITS = 8
+
+WeightGradHook = Callable[["QuantLayer", torch.Tensor], None]
+
+
+def _grad_anchor() -> Optional[torch.Tensor]:
+    """An empty leaf that requires grad, passed to the autograd Function so that backward runs (and ``grad_w`` is
+    produced) even when neither the input nor the bias requires grad. ``None`` when grad mode is off."""
+    if torch.is_grad_enabled():
+        return torch.empty(0, requires_grad=True)
+    return None
+
+
+class QuantLayer(nn.Module):
+    """Common base of :class:`QuantLinear` and :class:`QuantConv1d` (the modules keyed by ``weight_key``).
+
+    Attributes:
+        bits: weight bit-width, 8 or 4.
+        granularity: ``"tensor"`` or ``"channel"`` (axis 0 = output channel).
+        weight_key: the float model's state_dict key of this weight (set by the converter; ``""`` otherwise).
+        weight_shape: ``torch.Size`` of the (virtual) float weight.
+        weight_requires_grad: when False, backward computes no ``grad_w`` (frozen layer).
+        weight_grad: accumulated float ``grad_w`` (shaped like the weight) or None before any backward / when a hook
+            is installed.
+        codes: int8 buffer shaped like the weight.
+        scale: float buffer, 0-d (per tensor) or ``[out]`` (per channel).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def _init_quant(
+        self,
+        weight_shape: tuple[int, ...],
+        bits: int,
+        granularity: str,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> None:
+        qmax(bits)
+        check_granularity(granularity)
+        self.bits = int(bits)
+        self.granularity = granularity
+        self.weight_key = ""
+        self.weight_shape = torch.Size(weight_shape)
+        self.weight_requires_grad = True
+        self.weight_grad: Optional[torch.Tensor] = None
+        self._weight_grad_hook: Optional[WeightGradHook] = None
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("codes", torch.zeros(weight_shape, dtype=torch.int8, device=device))
+        sshape = () if granularity == "tensor" else (weight_shape[0],)
+        self.register_buffer("scale", torch.ones(sshape, dtype=dtype, device=device))
+
+    # ---------------------------------------------------------------- weight state
+    @property
+    def out_dim(self) -> int:
+        return int(self.weight_shape[0])
+
+    def load_quantized(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Copy received codes and scale into the buffers (spec 2.2 step 2).
+
+        Args:
+            codes: integer tensor shaped like the weight (int8 preferred) with values in ``[-t_b, t_b]``.
+            scale: floating tensor, ``()`` for per-tensor or ``[out]`` for per-channel layers; finite, >= 0.
+                It is converted to the dtype of the ``scale`` buffer.
+
+        Raises:
+            ValueError: wrong shape, dtype, out-of-range codes or a bad scale (message names ``weight_key``).
+        """
+        name = self.weight_key or type(self).__name__
+        if tuple(codes.shape) != tuple(self.weight_shape):
+            raise ValueError(f"{name}: codes shape {tuple(codes.shape)} != weight shape {tuple(self.weight_shape)}")
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
+            raise ValueError(f"{name}: codes must be an integer tensor, got {codes.dtype}")
+        t = qmax(self.bits)
+        if codes.numel() and (int(codes.min()) < -t or int(codes.max()) > t):
+            raise ValueError(
+                f"{name}: codes must lie in [-{t}, {t}] for {self.bits}-bit weights, "
+                f"got [{int(codes.min())}, {int(codes.max())}]"
+            )
+        if tuple(scale.shape) != tuple(self.scale.shape):
+            raise ValueError(
+                f"{name}: scale shape {tuple(scale.shape)} != expected {tuple(self.scale.shape)} "
+                f"({self.granularity} granularity)"
+            )
+        if not scale.dtype.is_floating_point:
+            raise ValueError(f"{name}: scale must be floating point, got {scale.dtype}")
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError(f"{name}: scale must be finite and >= 0")
+        with torch.no_grad():
+            self.codes.copy_(codes.to(torch.int8))
+            self.scale.copy_(scale.to(self.scale.dtype))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Transient float weight ``ŵ = s * q`` (dtype of the ``scale`` buffer, shaped like the weight)."""
+        return dequantize(self.codes, self.scale)
+
+    @torch.no_grad()
+    def requantize_(self, w_float: torch.Tensor) -> None:
+        """Re-quantize a float weight into the buffers with a fresh max-abs scale (spec 2.2 step 4.4).
+
+        Args:
+            w_float: floating tensor shaped like the weight (e.g. ``ŵ_t - η g_t``); it is not kept.
+
+        Raises:
+            ValueError: wrong shape or non-floating input.
+        """
+        if tuple(w_float.shape) != tuple(self.weight_shape):
+            raise ValueError(
+                f"{self.weight_key or type(self).__name__}: weight shape {tuple(w_float.shape)} != "
+                f"{tuple(self.weight_shape)}"
+            )
+        codes, s = quantize(w_float, self.bits, self.granularity)
+        self.codes.copy_(codes)
+        self.scale.copy_(s.to(self.scale.dtype))
+
+    # ---------------------------------------------------------------- gradient delivery
+    def set_weight_grad_hook(self, fn: Optional[WeightGradHook]) -> None:
+        """Install ``fn(layer, grad_w)`` to receive ``grad_w`` instead of accumulating it into ``weight_grad``.
+
+        ``grad_w`` is a fresh float tensor shaped like the weight that the layer keeps no reference to (encode and
+        drop it to free memory). ``fn=None`` restores accumulation.
+        """
+        if fn is not None and not callable(fn):
+            raise TypeError(f"weight-grad hook must be callable or None, got {type(fn).__name__}")
+        self._weight_grad_hook = fn
+
+    def _deliver_weight_grad(self, grad_w: torch.Tensor) -> None:
+        hook = self._weight_grad_hook
+        if hook is not None:
+            hook(self, grad_w)
+        elif self.weight_grad is None:
+            self.weight_grad = grad_w
+        else:
+            self.weight_grad = self.weight_grad + grad_w
+
+    def zero_weight_grad(self) -> None:
+        """Drop the accumulated ``weight_grad`` (set it to None)."""
+        self.weight_grad = None
+
+    def _quant_repr(self) -> str:
+        return f"bits={self.bits}, granularity={self.granularity!r}, weight_key={self.weight_key!r}"
+
+
+# =============================================================================== Linear
+class _QuantLinearFn(torch.autograd.Function):
+    """y = s_x s_w (q_x @ q_w^T) + b; saves only (q_x int8, q_w int8, s_x, s_w)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, w_scale, bias, anchor, layer):  # type: ignore[override]
+        dtype = x.dtype
+        xq, sx = quantize_activation(x, ACT_BITS)
+        acc = xq.to(dtype) @ codes.to(dtype).t()
+        y = acc * (sx * w_scale.to(dtype))
+        del acc
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(xq, codes, sx, w_scale)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        xq, codes, sx, w_scale = ctx.saved_tensors
+        layer: QuantLayer = ctx.layer
+        dtype = grad_y.dtype
+        out_f, in_f = codes.shape
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w_hat = dequantize(codes, w_scale.to(dtype))
+            grad_x = grad_y @ w_hat
+            del w_hat
+        gy2 = grad_y.reshape(-1, out_f)
+        if layer.weight_requires_grad:
+            x_hat = xq.reshape(-1, in_f).to(dtype) * sx.to(dtype)
+            grad_w = gy2.t() @ x_hat
+            del x_hat
+            layer._deliver_weight_grad(grad_w)
+            del grad_w
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = gy2.sum(0)
+        return grad_x, None, None, grad_b, None, None
+
+
+class QuantLinear(QuantLayer):
+    """Drop-in for :class:`torch.nn.Linear` holding int8/int4 weight codes + scale (spec 2.2 step 2).
+
+    Args:
+        in_features, out_features: as ``nn.Linear``; the virtual weight is ``[out_features, in_features]``.
+        bias: create a float bias parameter ``[out_features]``.
+        bits: weight bit-width, 8 or 4 (activations are always int8).
+        granularity: ``"tensor"`` (scale 0-d) or ``"channel"`` (scale ``[out_features]``).
+        dtype, device: of the scale buffer and bias (codes are int8).
+
+    Shapes: input ``[*, in_features]`` floating -> output ``[*, out_features]`` in the input's dtype.
+
+    Raises:
+        ValueError: bad bits/granularity.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 8,
+        granularity: str = "tensor",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self._init_quant((self.out_features, self.in_features), bits, granularity, dtype, device)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype or torch.get_default_dtype(),
+                                                 device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, granularity: str, weight_key: str = "") -> "QuantLinear":
+        """Build from an ``nn.Linear``: quantize its weight (spec 2.2 step 1) and reuse its bias Parameter."""
+        return cls.from_float_weight(linear.weight, linear.bias, bits, granularity, weight_key)
+
+    @classmethod
+    def from_float_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, granularity: str,
+                          weight_key: str = "") -> "QuantLinear":
+        """Build from a float weight ``[out, in]`` (quantized with a max-abs scale in its dtype) and an optional
+        bias (a Parameter is reused as is, a plain tensor is copied into a new Parameter)."""
+        w = weight.detach()
+        if w.dim() != 2:
+            raise ValueError(f"{weight_key or 'QuantLinear'}: weight must be 2-D [out, in], got {tuple(w.shape)}")
+        m = cls(w.shape[1], w.shape[0], bias=False, bits=bits, granularity=granularity, dtype=w.dtype,
+                device=w.device)
+        if bias is not None:
+            m.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
+        m.requantize_(w)
+        m.weight_key = weight_key
+        return m
+
+    def linear_with_bias(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Quantized linear map with an external float ``bias`` (used by :class:`QuantMultiheadAttention`)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.weight_key or 'QuantLinear'}: input last dim {x.shape[-1]} != "
+                             f"in_features {self.in_features}")
+        anchor = _grad_anchor() if self.weight_requires_grad else None
+        return _QuantLinearFn.apply(x, self.codes, self.scale, bias, anchor, self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_with_bias(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._quant_repr()}")
+
+
+# =============================================================================== Conv1d
+class _QuantConv1dFn(torch.autograd.Function):
+    """y = s_x s_w conv1d(q_x, q_w) + b; saves only (q_x int8, q_w int8, s_x, s_w)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, w_scale, bias, anchor, layer):  # type: ignore[override]
+        dtype = x.dtype
+        xq, sx = quantize_activation(x, ACT_BITS)
+        acc = F.conv1d(xq.to(dtype), codes.to(dtype), None, layer.stride, layer.padding, layer.dilation,
+                       layer.groups)
+        y = acc * broadcast_scale(sx * w_scale.to(dtype), 2)
+        del acc
+        if bias is not None:
+            y = y + bias.to(dtype).reshape(1, -1, 1)
+        ctx.save_for_backward(xq, codes, sx, w_scale)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        xq, codes, sx, w_scale = ctx.saved_tensors
+        layer: QuantConv1d = ctx.layer
+        dtype = grad_y.dtype
+        grad_x = grad_b = None
+        args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        if ctx.needs_input_grad[0]:
+            w_hat = dequantize(codes, w_scale.to(dtype))
+            grad_x = torch.nn.grad.conv1d_input(xq.shape, w_hat, grad_y, *args)
+            del w_hat
+        if layer.weight_requires_grad:
+            x_hat = xq.to(dtype) * sx.to(dtype)
+            grad_w = torch.nn.grad.conv1d_weight(x_hat, codes.shape, grad_y, *args)
+            del x_hat
+            layer._deliver_weight_grad(grad_w)
+            del grad_w
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad_y.sum(dim=(0, 2))
+        return grad_x, None, None, grad_b, None, None
+
+
+def _single(v, name: str) -> tuple[int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 1:
+            raise ValueError(f"{name} must be an int or a 1-tuple, got {v!r}")
+        v = v[0]
+    return (int(v),)
+
+
+class QuantConv1d(QuantLayer):
+    """Drop-in for :class:`torch.nn.Conv1d` (zero padding) holding int8/int4 kernel codes + scale (spec 2.2).
+
+    Covers the Conformer conv module: pointwise (``kernel_size=1``) and depthwise (``groups=channels``) convs.
+    The virtual weight is ``[out_channels, in_channels // groups, kernel_size]``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv1d``
+            (``padding`` an int or 1-tuple; use the converter for ``"same"``/``"valid"``).
+        bits: 8 or 4. granularity: ``"tensor"`` or ``"channel"`` (scale ``[out_channels]``).
+
+    Shapes: input ``[B, C_in, L]`` (or unbatched ``[C_in, L]``) -> ``[B, C_out, L_out]``.
+
+    Raises:
+        ValueError: bad bits/granularity/groups/padding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        bits: int = 8,
+        granularity: str = "tensor",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(padding, str):
+            raise ValueError(f"QuantConv1d needs an integer padding, got {padding!r} (convert_to_quantized "
+                             "resolves 'same'/'valid')")
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
+                             f"groups={groups}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = _single(kernel_size, "kernel_size")
+        self.stride = _single(stride, "stride")
+        self.padding = _single(padding, "padding")
+        self.dilation = _single(dilation, "dilation")
+        self.groups = int(groups)
+        shape = (self.out_channels, self.in_channels // self.groups, self.kernel_size[0])
+        self._init_quant(shape, bits, granularity, dtype, device)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_channels, dtype=dtype or torch.get_default_dtype(),
+                                                 device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d, bits: int, granularity: str, weight_key: str = "") -> "QuantConv1d":
+        """Build from an ``nn.Conv1d`` (``padding_mode='zeros'``): quantize its kernel and reuse its bias.
+
+        Raises:
+            ValueError: unsupported ``padding_mode`` or a ``"same"`` padding that is not symmetric.
+        """
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{weight_key or 'Conv1d'}: padding_mode {conv.padding_mode!r} is not supported "
+                             "(only 'zeros')")
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = 0
+            else:  # "same" (stride 1 enforced by nn.Conv1d)
+                total = conv.dilation[0] * (conv.kernel_size[0] - 1)
+                if total % 2:
+                    raise ValueError(f"{weight_key or 'Conv1d'}: padding='same' with an even effective kernel "
+                                     "is asymmetric and not supported")
+                padding = total // 2
+        w = conv.weight.detach()
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], stride=conv.stride[0],
+                padding=_single(padding, "padding")[0], dilation=conv.dilation[0], groups=conv.groups,
+                bias=False, bits=bits, granularity=granularity, dtype=w.dtype, device=w.device)
+        if conv.bias is not None:
+            m.bias = conv.bias
+        m.requantize_(w)
+        m.weight_key = weight_key
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{self.weight_key or 'QuantConv1d'}: expected input [B, {self.in_channels}, L], "
+                             f"got {tuple(x.shape)}")
+        anchor = _grad_anchor() if self.weight_requires_grad else None
+        y = _QuantConv1dFn.apply(x, self.codes, self.scale, self.bias, anchor, self)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1,):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", bias={self.bias is not None}, {self._quant_repr()}"
+
+
+# =============================================================================== MultiheadAttention
+class QuantMultiheadAttention(nn.Module):
+    """Drop-in for :class:`torch.nn.MultiheadAttention` *self-attention* with quantized projections (spec 2.1).
+
+    Holds ``in_proj`` (:class:`QuantLinear` ``E -> 3E`` without its own bias; the float bias is the parameter
+    ``in_proj_bias`` on this module, as in ``nn.MultiheadAttention``) and ``out_proj`` (:class:`QuantLinear` with
+    bias ``out_proj.bias``). Their ``weight_key`` are ``<prefix>in_proj_weight`` and ``<prefix>out_proj.weight``,
+    so float parameter names equal those of ``nn.MultiheadAttention``. Attention itself runs in float with
+    :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Args:
+        embed_dim: ``E``; num_heads: ``H`` (``E % H == 0``); dropout: attention dropout (training only);
+        bias: create ``in_proj_bias [3E]`` and ``out_proj.bias [E]``; batch_first: inputs ``[B, T, E]``;
+        bits: 8 or 4; granularity: ``"tensor"`` or ``"channel"``.
+
+    Forward (as torchaudio's ConformerLayer calls it): ``forward(query, key, value, key_padding_mask=None,
+    need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False) -> (output, weights|None)``
+    with ``query``/``key``/``value`` the same tensor ``[T, B, E]`` (``[B, T, E]`` if ``batch_first``; unbatched
+    ``[T, E]`` accepted). ``key_padding_mask`` ``[B, S]`` (bool True = ignore, or additive float),
+    ``attn_mask`` ``[T, S]`` or ``[B*H, T, S]`` (bool True = not allowed, or additive float).
+
+    Raises:
+        ValueError: ``embed_dim`` not divisible by ``num_heads``.
+        NotImplementedError: ``query``, ``key`` and ``value`` are not the same tensor (cross-attention would need
+            several passes through ``in_proj`` and several weight-gradient deliveries per backward).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        bits: int = 8,
+        granularity: str = "tensor",
+        batch_first: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.embed_dim = int(embed_dim)
+        self.num_heads = int(num_heads)
+        self.head_dim = self.embed_dim // self.num_heads
+        self.dropout = float(dropout)
+        self.batch_first = bool(batch_first)
+        self.bits = int(bits)
+        self.granularity = granularity
+        self.in_proj = QuantLinear(embed_dim, 3 * embed_dim, bias=False, bits=bits, granularity=granularity,
+                                   dtype=dtype, device=device)
+        self.out_proj = QuantLinear(embed_dim, embed_dim, bias=bias, bits=bits, granularity=granularity,
+                                    dtype=dtype, device=device)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim, dtype=dtype or torch.get_default_dtype(),
+                                                         device=device))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.set_prefix("")
+
+    def set_prefix(self, prefix: str) -> None:
+        """Set the ``weight_key`` of both projections from this module's qualified name prefix (``"a.b."``)."""
+        self.in_proj.weight_key = f"{prefix}in_proj_weight"
+        self.out_proj.weight_key = f"{prefix}out_proj.weight"
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention, bits: int, granularity: str,
+                   prefix: str = "") -> "QuantMultiheadAttention":
+        """Build from an ``nn.MultiheadAttention`` with packed in-projection (``kdim == vdim == embed_dim``), no
+        ``bias_k``/``bias_v`` and ``add_zero_attn=False``; biases are reused, weights quantized.
+
+        Raises:
+            ValueError: an unsupported configuration (the message names it).
+        """
+        name = prefix.rstrip(".") or "MultiheadAttention"
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError(f"{name}: kdim/vdim different from embed_dim are not supported")
+        if mha.bias_k is not None or mha.bias_v is not None:
+            raise ValueError(f"{name}: add_bias_kv=True is not supported")
+        if mha.add_zero_attn:
+            raise ValueError(f"{name}: add_zero_attn=True is not supported")
+        w = mha.in_proj_weight.detach()
+        m = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=False, bits=bits, granularity=granularity,
+                batch_first=mha.batch_first, dtype=w.dtype, device=w.device)
+        m.in_proj = QuantLinear.from_float_weight(w, None, bits, granularity)
+        m.out_proj = QuantLinear.from_float(mha.out_proj, bits, granularity)
+        if mha.in_proj_bias is not None:
+            m.in_proj_bias = mha.in_proj_bias
+        m.train(mha.training)
+        m.set_prefix(prefix)
+        return m
+
+    def quant_children(self) -> list[QuantLinear]:
+        """``[in_proj, out_proj]``."""
+        return [self.in_proj, self.out_proj]
+
+    @staticmethod
+    def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+        return mask.to(dtype)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not (query is key and key is value):
+            raise NotImplementedError(
+                "QuantMultiheadAttention supports self-attention only (query, key and value must be the same tensor)"
+            )
+        x = query
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(1) if not self.batch_first else x.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        T, B, E = x.shape
+        if E != self.embed_dim:
+            raise ValueError(f"expected embed_dim {self.embed_dim}, got input {tuple(query.shape)}")
+        H, Dh = self.num_heads, self.head_dim
+        qkv = self.in_proj.linear_with_bias(x, self.in_proj_bias)  # [T, B, 3E]
+        q, k, v = qkv.chunk(3, dim=-1)
+        del qkv
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [T, B, E] -> [B, H, T, Dh]
+            return t.reshape(T, B, H, Dh).permute(1, 2, 0, 3)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        dtype = q.dtype
+        mask: Optional[torch.Tensor] = None
+        if attn_mask is not None:
+            am = self._float_mask(attn_mask, dtype)
+            if am.dim() == 2:
+                am = am.reshape(1, 1, T, T)
+            elif am.dim() == 3:
+                am = am.reshape(B, H, T, T)
+            else:
+                raise ValueError(f"attn_mask must be [T, S] or [B*H, T, S], got {tuple(attn_mask.shape)}")
+            mask = am
+        elif is_causal:
+            mask = torch.zeros(T, T, dtype=dtype, device=q.device).masked_fill(
+                torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf")).reshape(1, 1, T, T)
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (B, T):
+                raise ValueError(f"key_padding_mask must be [B, S] = {(B, T)}, got {tuple(key_padding_mask.shape)}")
+            kpm = self._float_mask(key_padding_mask, dtype).reshape(B, 1, 1, T)
+            mask = kpm if mask is None else mask + kpm
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)
+            if mask is not None:
+                scores = scores + mask
+            attn = torch.softmax(scores, dim=-1)
+            del scores
+            weights = attn.mean(dim=1) if average_attn_weights else attn
+            if p > 0:
+                attn = F.dropout(attn, p=p)
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = out.permute(2, 0, 1, 3).reshape(T, B, E)
+        out = self.out_proj(out)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(0) if self.batch_first else out.squeeze(1)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+                f"batch_first={self.batch_first}, bits={self.bits}, granularity={self.granularity!r}")

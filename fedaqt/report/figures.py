@@ -1,0 +1,54 @@
+"""Tables and figures of a run directory (pandas + matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def load_rounds(run_dir: str | Path) -> pd.DataFrame:
+    """``rounds.csv`` as a DataFrame. Raises FileNotFoundError naming the path when it is missing."""
+    path = Path(run_dir) / "rounds.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a fedaqt run directory (from `fedaqt run --out`)?")
+    return pd.read_csv(path)
+
+
+def metric_columns(rounds: pd.DataFrame) -> list[str]:
+    """Evaluation columns present in the run (error rates and accuracies)."""
+    prefs = ("eval_", "real_", "overflow_rate")
+    return [c for c in rounds.columns if c.startswith(prefs) and rounds[c].notna().any() and not c.startswith("overflow_rate_")]
+
+
+def plot_metrics(rounds: pd.DataFrame, out_path: str | Path, title: str = "") -> Path:
+    """Save a figure with one panel per metric family (WER/CER, accuracy, loss) against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = metric_columns(rounds)
+    families = {
+        "error rate": [c for c in cols if c.endswith(("_wer", "_cer"))],
+        "accuracy / overflow": [c for c in cols if "accuracy" in c or c == "overflow_rate"],
+        "loss": [c for c in ["train_loss", "eval_loss"] if c in rounds and rounds[c].notna().any()],
+    }
+    families = {k: v for k, v in families.items() if v}
+    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 3.6), squeeze=False)
+    for ax, (label, columns) in zip(axes[0], families.items()):
+        for c in columns:
+            d = rounds[["round", c]].dropna()
+            ax.plot(d["round"], d[c], marker="o" if len(d) < 30 else None, label=c)
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

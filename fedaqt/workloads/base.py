@@ -1,0 +1,74 @@
+"""The workload plugin interface: model + data + loss + metrics + which layers are quantized.
+
+A workload knows nothing about strategies; ``client/`` and ``server/`` combine the two. Third-party workloads
+subclass :class:`Workload` and register under the ``fedaqt.workloads`` entry-point group (see README).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from fedaqt.config import RunConfig
+
+
+class Workload(ABC):
+    """One federated task.
+
+    Lifecycle: the server process calls :meth:`prepare` (validate data, fail fast with instructions) before Ray
+    starts; every process (server and each client actor) builds the workload from the same :class:`RunConfig`,
+    so everything it derives (partitions, model init) must be a deterministic function of the config and seed.
+
+    Attributes:
+        name: registry name (``--workload NAME``).
+        description: one line for ``fedaqt plugins list``.
+        eval_columns: metric names :meth:`evaluate` returns (written to ``rounds.csv``).
+    """
+
+    name: str = ""
+    description: str = ""
+    eval_columns: Sequence[str] = ()
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    # ---------------------------------------------------------------- server side
+    def prepare(self) -> None:
+        """Check that the data exists; raise FileNotFoundError/ValueError that says how to fix it."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """Return the float model, initialized deterministically from ``config.seed``."""
+
+    def quantize_filter(self, name: str, module: nn.Module) -> bool:
+        """True if the module at qualified ``name`` becomes a native quantized layer on clients (spec §2.1)."""
+        return False
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, round_num: int) -> dict[str, float]:
+        """Server-side evaluation of the float global model; keys are a subset of :attr:`eval_columns`."""
+
+    # ---------------------------------------------------------------- client side
+    @abstractmethod
+    def num_partitions(self) -> int:
+        """How many clients (data partitions) the workload offers."""
+
+    @abstractmethod
+    def client_batches(self, client_id: int, round_num: int, num_batches: int, batch_size: int) -> list[Any]:
+        """The ``num_batches`` training batches of client ``client_id`` for ``round_num`` (deterministic)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """Mean loss over the batch (0-d float tensor) and the number of examples it covers."""
+
+    def set_checkpointing(self, model: nn.Module, enabled: bool) -> None:
+        """Turn gradient checkpointing of the model's blocks on/off (no-op where the model has none)."""
+        if hasattr(model, "checkpointing"):
+            model.checkpointing = enabled
+
+    def describe(self) -> dict[str, Any]:
+        """Facts to store in ``summary.json`` (sizes of partitions, parameter counts, ...)."""
+        return {}
