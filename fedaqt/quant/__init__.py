@@ -49,6 +49,7 @@ from .wire import (
     decode_broadcast,
     encode_broadcast,
     expected_payload_bytes,
+    load_broadcast,
     npy_header_nbytes,
     record_nbytes,
 )
@@ -67,7 +68,7 @@ __all__ = [
     "zero_quant_grads", "load_float_state",
     # wire
     "WIRE_FORMAT", "SCALE_SUFFIX", "BROADCAST_BITS", "QTensor", "encode_broadcast", "decode_broadcast",
-    "record_nbytes", "npy_header_nbytes", "expected_payload_bytes",
+    "record_nbytes", "npy_header_nbytes", "expected_payload_bytes", "load_broadcast",
     # uplink
     "UPLINK_BITS", "encode_update", "encode_tensor_uplink", "decode_update",
     "stochastic_round_int8",

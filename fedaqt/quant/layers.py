@@ -298,6 +298,11 @@ class QuantLinear(QuantLayer):
         return _QuantLinearFn.apply(x, self.codes, self.scale, bias, anchor, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, in_features]`` float -> ``[*, out_features]`` (input dtype); int8 activations, int weights.
+
+        Raises:
+            ValueError: last input dim != ``in_features``.
+        """
         return self.linear_with_bias(x, self.bias)
 
     def extra_repr(self) -> str:
@@ -439,6 +444,11 @@ class QuantConv1d(QuantLayer):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C_in, L]`` (or ``[C_in, L]``) float -> ``[B, C_out, L_out]`` in the input dtype.
+
+        Raises:
+            ValueError: wrong input rank or channel count.
+        """
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0)
@@ -572,6 +582,12 @@ class QuantMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Self-attention; see the class docstring for shapes and masks.
+
+        Returns:
+            ``(output [T, B, E] (or [B, T, E] if batch_first), weights)``; ``weights`` is None unless
+            ``need_weights`` (then ``[B, T, S]`` averaged over heads, or ``[B, H, T, S]``).
+        """
         if not (query is key and key is value):
             raise NotImplementedError(
                 "QuantMultiheadAttention supports self-attention only (query, key and value must be the same tensor)"

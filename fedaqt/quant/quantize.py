@@ -200,7 +200,11 @@ def fake_quant(w: torch.Tensor, bits: int, granularity: Granularity, scale_grad:
     """Reference fake-quantizer ``Q(w) = s * STE(clamp(round(w/s)))`` (spec 1.1/1.2), the test oracle.
 
     The round *and* the clamp are straight-through (``dQ/dw = delta`` with ``s`` fixed, as in eq. 3.2);
-    with a max-abs scale the clamp never changes a value beyond float rounding.
+    with a max-abs scale the clamp never changes a value beyond float rounding. With ``scale_grad=False`` the
+    backward is the exact identity (``dL/dw == dL/dQ`` bit for bit); with ``scale_grad=True`` the direct term
+    is also the exact identity and the scale term ``dQ/ds = q - w/s`` flows into ``s = amax|w|/t_b``, so the
+    two modes differ exactly at the max-abs entries only. (A plain ``s * ste_round(w/s)`` graph gives the same
+    gradient up to float rounding; ``tests/test_quant.py`` checks both.)
 
     Args:
         w: floating tensor, any shape (per channel: axis 0 = out).
@@ -215,11 +219,45 @@ def fake_quant(w: torch.Tensor, bits: int, granularity: Granularity, scale_grad:
     t = qmax(bits)
     s = compute_scale(w, bits, granularity)
     if not scale_grad:
-        s = s.detach()
-    s = broadcast_scale(s, w.dim())
-    u = w / s
-    q = u + (torch.clamp(torch.round(u), -t, t) - u).detach()
-    return q * s
+        return _FakeQuantSTE.apply(w, broadcast_scale(s.detach(), w.dim()), t)
+    return _FakeQuantScaleGrad.apply(w, broadcast_scale(s, w.dim()), t)
+
+
+class _FakeQuantScaleGrad(torch.autograd.Function):
+    """``s * clamp(round(w/s), -t, t)`` with the partials of spec 1.2: ``dQ_i/dw_j = delta_ij`` (STE, exact
+    identity) and ``dQ_i/ds = q_i - w_i/s`` (summed to ``s``'s shape); ``ds/dw`` is left to autograd of
+    ``amax(|w|)/t_b`` (ties split evenly)."""
+
+    @staticmethod
+    def forward(ctx, w, s, t):  # type: ignore[override]
+        ctx.save_for_backward(w, s)
+        ctx.t = t
+        return torch.clamp(torch.round(w / s), -t, t) * s
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        w, s = ctx.saved_tensors
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            u = w / s
+            term = grad * (torch.clamp(torch.round(u), -ctx.t, ctx.t) - u)
+            if s.dim() == 0:
+                grad_s = term.sum()
+            else:
+                grad_s = term.sum(dim=tuple(range(1, term.dim())), keepdim=True) if term.dim() > 1 else term
+        return grad, grad_s, None
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """``s * clamp(round(w/s), -t, t)`` with a constant ``s``; backward is the exact identity (eq. 3.1)."""
+
+    @staticmethod
+    def forward(ctx, w, s, t):  # type: ignore[override]
+        return torch.clamp(torch.round(w / s), -t, t) * s
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, None
 
 
 def quantize_activation(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

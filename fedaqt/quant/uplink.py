@@ -106,7 +106,7 @@ def encode_tensor_uplink(
             raise ValueError(f"{key or 'tensor'}: {e}") from None
         return {key: codes.numpy(), key + SCALE_SUFFIX: s.numpy()}
     dtype = torch.float32 if uplink_bits == 32 else torch.float16
-    return {key: np.ascontiguousarray(t.detach().to("cpu", dtype).numpy())}
+    return {key: np.array(t.detach().to("cpu", dtype).numpy(), copy=True, order="C")}
 
 
 def encode_update(

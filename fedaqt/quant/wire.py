@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from .convert import quant_layers
 from .pack import pack_int4, packed_int4_nbytes, unpack_int4
 from .quantize import check_granularity, dequantize, qmax, quantize
 
@@ -45,6 +46,7 @@ __all__ = [
     "expected_payload_bytes",
     "tensor_to_numpy",
     "numpy_to_tensor",
+    "load_broadcast",
 ]
 
 WIRE_FORMAT = "fedaqt.broadcast/1"
@@ -90,7 +92,7 @@ def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.to(torch.float32)
-    return np.ascontiguousarray(t.cpu().numpy())
+    return np.array(t.cpu().numpy(), copy=True, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
 
 
 def numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
@@ -332,3 +334,55 @@ def expected_payload_bytes(
             total += numel * (4 if t.dtype.is_floating_point else t.element_size())
             n_arrays += 1
     return total + n_arrays * header_bytes_per_array
+
+
+def load_broadcast(qmodel: torch.nn.Module, decoded: Mapping[str, QTensor | torch.Tensor], strict: bool = True) -> None:
+    """Load a decoded broadcast into a converted (native quantized) model (spec 2.2 step 2).
+
+    ``QTensor`` entries go to the quantized layer with that ``weight_key`` via ``load_quantized`` (codes and scale
+    copied into the buffers; no float weight is created); tensors are copied into the parameter/buffer of the same
+    name (cast to its dtype).
+
+    Args:
+        qmodel: model converted with :func:`fedaqt.quant.convert.convert_to_quantized`.
+        decoded: output of :func:`decode_broadcast`.
+        strict: require that every quantized layer and every float parameter/buffer of ``qmodel`` is covered and
+            that no key is unknown.
+
+    Raises:
+        ValueError: naming the key, for an unknown/missing key, a QTensor for a float parameter (or vice versa),
+            a bit-width or granularity that differs from the layer's, or a shape mismatch.
+    """
+    layers = quant_layers(qmodel)
+    owned = {id(b) for layer in layers.values() for b in layer.buffers(recurse=False)}
+    targets = dict(qmodel.named_parameters())
+    targets.update({n: b for n, b in qmodel.named_buffers() if id(b) not in owned})
+    seen = set()
+    for key, v in decoded.items():
+        if isinstance(v, QTensor):
+            layer = layers.get(key)
+            if layer is None:
+                if strict:
+                    raise ValueError(f"{key}: quantized tensor in the broadcast but no quantized layer in the model")
+                continue
+            if v.bits != layer.bits or v.granularity != layer.granularity:
+                raise ValueError(f"{key}: broadcast has {v.bits}-bit {v.granularity} codes, layer expects "
+                                 f"{layer.bits}-bit {layer.granularity}")
+            layer.load_quantized(v.codes, v.scale)
+        else:
+            dst = targets.get(key)
+            if dst is None:
+                if key in layers:
+                    raise ValueError(f"{key}: float tensor in the broadcast for a quantized layer")
+                if strict:
+                    raise ValueError(f"{key}: unknown key (not a parameter or buffer of the model)")
+                continue
+            if tuple(dst.shape) != tuple(v.shape):
+                raise ValueError(f"{key}: shape {tuple(v.shape)} != model shape {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(v.to(device=dst.device, dtype=dst.dtype))
+        seen.add(key)
+    if strict:
+        missing = [k for k in list(layers) + list(targets) if k not in seen]
+        if missing:
+            raise ValueError(f"{missing[0]}: missing from the broadcast ({len(missing)} missing in all)")

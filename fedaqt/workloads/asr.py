@@ -196,8 +196,9 @@ class ASRWorkload(Workload):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_items(self) -> list[tuple[torch.Tensor, list[int], str]]:
-        utts = [u for s in sorted(_scan(str(Path(self.config.data_dir).resolve()), self.eval_subset).values()) for u in s]
-        utts = utts[: self.eval_max]
+        by_speaker = _scan(str(Path(self.config.data_dir).resolve()), self.eval_subset)
+        per = max(1, self.eval_max // max(1, len(by_speaker)))  # the same number from every held-out speaker
+        utts = [u for s in sorted(by_speaker) for u in by_speaker[s][:per]]
         return [(self._features(u), encode_text(u.transcript), u.transcript) for u in utts]
 
     def _real_items(self) -> list[tuple[torch.Tensor, list[int], str]]:
