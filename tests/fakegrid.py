@@ -16,6 +16,7 @@ class FakeGrid:
         self.fail_partitions = fail_partitions or set()
         self.tamper = tamper  # (partition_id, reply RecordDict) -> RecordDict
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
 
     def get_node_ids(self):
         return list(self.node_ids)
@@ -33,6 +34,7 @@ class FakeGrid:
                 content = self.tamper(pid, content)
             reply = Message(content=content, reply_to=msg)
             replies.append(reply)
+            self.replies.append(reply)
         return replies
 
 
