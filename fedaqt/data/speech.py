@@ -1,0 +1,265 @@
+"""Reader for speech corpora in the LibriSpeech directory layout.
+
+Layout (Panayotov et al., "LibriSpeech: an ASR corpus based on public domain audio books", ICASSP 2015)::
+
+    ROOT/SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac
+    ROOT/SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt      # lines "UTTID TEXT"
+
+The same layout is written by :func:`fedaqt.data.corpus.build_speech_corpus` (``fedaqt data speech --out DIR``),
+so a real LibriSpeech download and the default synthesized corpus go through the same reader.
+
+Audio is read with ``soundfile`` (``torchaudio.load`` needs torchcodec, which is not usable here) and resampled
+with ``torchaudio.functional.resample``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+__all__ = [
+    "CHARSET",
+    "AUDIO_SUFFIXES",
+    "Utterance",
+    "scan_librispeech",
+    "load_audio",
+    "normalize_transcript",
+]
+
+logger = logging.getLogger("fedaqt.data")
+
+#: CTC character vocabulary (the blank symbol is NOT included): space, apostrophe, then A–Z (28 symbols).
+#: A model with a blank at index 0 maps ``CHARSET[i]`` to label ``i + 1``.
+CHARSET: str = " '" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+#: Audio file suffixes recognised next to a ``.trans.txt`` file (LibriSpeech itself uses ``.flac``).
+AUDIO_SUFFIXES: tuple[str, ...] = (".flac", ".wav")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One transcribed utterance of a LibriSpeech-layout corpus.
+
+    Attributes:
+        utt_id: ``SPEAKER-CHAPTER-UTT`` (e.g. ``"1272-128104-0000"``).
+        speaker_id: speaker folder name (a decimal string in LibriSpeech).
+        chapter_id: chapter folder name.
+        path: absolute path of the audio file (FLAC, or WAV).
+        transcript: transcript normalized by :func:`normalize_transcript` (only ``CHARSET`` characters).
+    """
+
+    utt_id: str
+    speaker_id: str
+    chapter_id: str
+    path: Path
+    transcript: str
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transcripts
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'"})
+_NOT_ALLOWED = re.compile(r"[^A-Z' ]+")
+_EDGE_APOSTROPHE = re.compile(r"(?<![A-Z])'|'(?![A-Z])")
+_SPACES = re.compile(r" +")
+
+
+def normalize_transcript(text: str) -> str:
+    """Normalize text to the LibriSpeech transcript convention.
+
+    Upper-cases, folds accents (``é`` → ``E``), maps typographic apostrophes to ``'``, turns every other character
+    (punctuation, hyphens, digits, symbols) into a word break, keeps an apostrophe only *inside* a word
+    (``don't`` → ``DON'T``, ``'tis`` → ``TIS``, quotes ``'so'`` → ``SO``) and collapses whitespace to single spaces.
+    ``&`` becomes ``AND``. Digits are *dropped* (spell numbers out first if they are spoken).
+
+    Args:
+        text: any Unicode string.
+
+    Returns:
+        A string over :data:`CHARSET` with no leading/trailing or double spaces (possibly empty).
+    """
+    text = str(text)
+    if not text.isascii():
+        text = unicodedata.normalize("NFKD", text)
+        text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = text.translate(_APOSTROPHES).replace("&", " and ").upper()
+    text = _NOT_ALLOWED.sub(" ", text)
+    text = _EDGE_APOSTROPHE.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# audio
+
+
+def load_audio(path: str | Path, target_sr: int = 16000) -> torch.Tensor:
+    """Read an audio file as a mono float waveform at ``target_sr``.
+
+    Args:
+        path: any format libsndfile reads (FLAC, WAV, OGG …).
+        target_sr: output sample rate in Hz (positive int). Audio at another rate is resampled with
+            ``torchaudio.functional.resample`` (windowed sinc); the output has ``ceil(T_in * target_sr / sr)``
+            samples.
+
+    Returns:
+        ``torch.float32`` tensor of shape ``[T]`` (samples), values clamped to ``[-1, 1]``. Multi-channel audio is
+        averaged to mono.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``target_sr`` is not a positive int, or the file holds no samples.
+        soundfile.LibsndfileError (a ``RuntimeError``): libsndfile cannot decode the file.
+    """
+    if isinstance(target_sr, bool) or not isinstance(target_sr, (int, np.integer)) or target_sr <= 0:
+        raise ValueError(f"target_sr must be a positive int (Hz), got {target_sr!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    if data.shape[0] == 0:
+        raise ValueError(f"audio file holds no samples: {path}")
+    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
+    if sr != target_sr:
+        wav = torchaudio.functional.resample(wav, int(sr), int(target_sr))
+    return wav.clamp_(-1.0, 1.0).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# directory scan
+
+
+def _natural_key(name: str) -> tuple:
+    """Sort numeric names numerically (LibriSpeech ids), then any others by string."""
+    return (0, int(name), name) if name.isdigit() else (1, 0, name)
+
+
+def _utt_key(utt_id: str) -> tuple:
+    return tuple(_natural_key(part) for part in utt_id.split("-"))
+
+
+def _readable_audio(path: Path) -> str | None:
+    """Return None when ``path`` has a readable, non-empty audio header, else the reason it is unusable."""
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # libsndfile raises for empty/corrupt files
+        return f"unreadable audio ({type(exc).__name__})"
+    if info.frames <= 0:
+        return "empty audio"
+    return None
+
+
+def _missing_message(what: Path, root: Path) -> str:
+    hint = ""
+    if root.is_dir():
+        subsets = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        hint = f" Subsets present under {root}: {subsets or 'none'}."
+    return (
+        f"LibriSpeech-layout speech data not found: looked for directory {what} "
+        f"(layout ROOT/SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac + SPEAKER-CHAPTER.trans.txt).{hint} "
+        f"Build the default synthesized corpus with `fedaqt data speech --out DIR` (then root=DIR, subset "
+        f"'train' or 'dev'), or point root at a real LibriSpeech download (e.g. root=.../LibriSpeech, "
+        f"subset='train-clean-100')."
+    )
+
+
+def _read_transcripts(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            utt_id, _, text = line.partition(" ")
+            out[utt_id] = text
+    return out
+
+
+def scan_librispeech(root: str | Path, subset: str) -> dict[str, list[Utterance]]:
+    """List the usable utterances of one subset of a LibriSpeech-layout corpus.
+
+    Reads only transcripts and audio headers (no samples are decoded). An utterance is usable when it has a
+    transcript line whose normalized text is non-empty and an audio file (``.flac`` or ``.wav``) whose header
+    libsndfile reads with at least one frame. Unusable utterances are skipped; a speaker left with no usable
+    utterance is skipped. Each skip is logged as a warning on the ``"fedaqt.data"`` logger naming the speaker
+    (one line per speaker, with counts by reason); nothing raises for bad content.
+
+    Args:
+        root: corpus root (the folder holding the subset folders, e.g. ``.../LibriSpeech``).
+        subset: subset folder name (``"train-clean-100"``, ``"dev-clean"``, or ``"train"``/``"dev"`` for the
+            corpus built by ``fedaqt data speech``).
+
+    Returns:
+        ``{speaker_id: [Utterance, ...]}`` with speakers in natural order (numeric ids numerically) and each
+        speaker's utterances sorted by (chapter, utterance number). Transcripts are normalized with
+        :func:`normalize_transcript`. Paths are absolute.
+
+    Raises:
+        FileNotFoundError: ``root/subset`` is not a directory; the message says what was looked for and how to
+            build the default corpus or use a real LibriSpeech download.
+    """
+    root = Path(root).expanduser()
+    subset_dir = root / str(subset)
+    if not subset_dir.is_dir():
+        raise FileNotFoundError(_missing_message(subset_dir, root))
+    subset_dir = subset_dir.resolve()
+
+    result: dict[str, list[Utterance]] = {}
+    speaker_dirs = sorted(
+        (p for p in subset_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural_key(p.name)
+    )
+    for spk_dir in speaker_dirs:
+        speaker = spk_dir.name
+        utts: list[Utterance] = []
+        skipped: dict[str, int] = {}
+
+        def skip(reason: str, n: int = 1) -> None:
+            skipped[reason] = skipped.get(reason, 0) + n
+
+        chapter_dirs = sorted(
+            (p for p in spk_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural_key(p.name)
+        )
+        for ch_dir in chapter_dirs:
+            chapter = ch_dir.name
+            audio: dict[str, Path] = {}
+            for f in ch_dir.iterdir():
+                if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES and not f.name.startswith("."):
+                    # .flac wins over .wav when both exist
+                    if f.stem not in audio or f.suffix.lower() == ".flac":
+                        audio[f.stem] = f
+            trans_path = ch_dir / f"{speaker}-{chapter}.trans.txt"
+            texts = _read_transcripts(trans_path) if trans_path.is_file() else {}
+            for utt_id in sorted(set(audio) | set(texts), key=_utt_key):
+                if utt_id not in texts:
+                    skip("no transcript line")
+                    continue
+                if utt_id not in audio:
+                    skip("missing audio file")
+                    continue
+                transcript = normalize_transcript(texts[utt_id])
+                if not transcript:
+                    skip("empty transcript")
+                    continue
+                reason = _readable_audio(audio[utt_id])
+                if reason is not None:
+                    skip(reason)
+                    continue
+                utts.append(Utterance(utt_id, speaker, chapter, audio[utt_id], transcript))
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+        if not utts:
+            logger.warning(
+                "speaker %s in %s has no usable utterances (%s); speaker skipped",
+                speaker, subset_dir, reasons or "no chapters/audio",
+            )
+            continue
+        if skipped:
+            logger.warning("speaker %s in %s: skipped %d utterance(s): %s", speaker, subset_dir, sum(skipped.values()), reasons)
+        result[speaker] = utts
+    return result

@@ -1,0 +1,321 @@
+"""WrapNet workload (spec §3): a binary/ternary-weight VGG-7 on Fashion-MNIST trained for an 8-bit accumulator.
+
+The federated model is WrapNet's fine-tuning stage (spec §3.6 stage 4): cyclic activation in, quantized weights
+and quantized activations, with the per-layer activation step sizes chosen once at build time by the overflow-rate
+search of §3.4 on a fixed calibration batch (deterministic from ``config.seed``, batch statistics in BatchNorm
+because the model is untrained). Clients minimize ``CE + λ_o R_o`` (§3.3).
+
+The server evaluates the same weights twice on a fixed test subset: with a 32-bit accumulator
+(``eval_accuracy``) and with a b-bit accumulator that wraps (``eval_accuracy_acc{b}``, b = ``acc_bits``, default
+8). With the cyclic activation on (default) the two are equal by periodicity (``c(wrap_b(z)) = c(z)``, spec §3.9),
+which is the point of WrapNet and a live check of the integer emulation; with ``options.cyclic = false`` the b-bit
+column shows the overflow collapse of Table 2.1. ``overflow_rate`` is the mean over quantized layers of the
+fraction of accumulator values outside the strict b-bit range; ``overflow_rate_<layer>`` per layer.
+
+``config.options`` keys (all optional):
+
+=============  =========  ============================================================================
+key            default    meaning
+=============  =========  ============================================================================
+arch           "vgg7"     "vgg7" or "resnet20"
+width          0.125      channel multiplier (VGG-7: 0.125 -> 16..64 channels, FC 128; ResNet-20: 1.0)
+weight_quant   "binary"   "binary" (XNOR), "ternary" (TWN) or "int2".."int8"
+act_bits       8          largest activation bit-width of the §3.4 grid (a = act_bits..1)
+p              0.05       target overflow rate of the §3.4 search (1.0 forces act_bits everywhere)
+k              2.0        cyclic slope (§3.2)
+acc_bits       8          accumulator bits b (cyclic period, penalty, evaluation)
+cyclic         true       insert the cyclic activation
+lambda_o       0.01       overflow-penalty weight λ_o
+eval_size      2000       test images used by ``evaluate`` (a fixed subset of the 10,000)
+calib_size     256        calibration images for §3.4
+train_size     0          use only this many training images (0 = all 60,000)
+data_root      (auto)     directory with the Fashion-MNIST idx files; default ``config.data_dir`` if it holds
+                          them, else /usr/share/datasets/fashion-mnist
+=============  =========  ============================================================================
+
+Data: the Fashion-MNIST train split across ``config.num_clients`` clients by ``config.partition`` ("iid", or
+"dirichlet" with ``config.alpha``; "speaker", the ASR default, is treated as "iid").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedaqt.config import RunConfig
+from fedaqt.data.images import FASHION_MNIST_ROOT, load_fashion_mnist
+from fedaqt.data.partition import dirichlet_partition, iid_partition
+from fedaqt.models.wrapnet import (
+    build_wrapnet,
+    evaluate as evaluate_wrapnet,
+    model_overflow_penalty,
+    select_step_sizes,
+    set_wrapnet_mode,
+    wrap_layers,
+)
+from fedaqt.workloads.base import Workload
+
+DEFAULTS: dict[str, Any] = {
+    "arch": "vgg7",
+    "width": None,  # per-arch default below
+    "weight_quant": "binary",
+    "act_bits": 8,
+    "p": 0.05,
+    "k": 2.0,
+    "acc_bits": 8,
+    "cyclic": True,
+    "lambda_o": 0.01,
+    "eval_size": 2000,
+    "calib_size": 256,
+    "train_size": 0,
+    "data_root": "",
+}
+_WIDTH_DEFAULT = {"vgg7": 0.125, "resnet20": 1.0}
+_EVAL_BATCH = 500
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"options.{key}={value!r} is not allowed; use true or false")
+
+
+def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Defaults merged with the known keys of ``config.options``, type-checked.
+
+    Raises:
+        ValueError: a known key has a bad value (the message names the key, the value and what is allowed).
+    """
+    o = {k: options.get(k, v) for k, v in DEFAULTS.items()}
+    if o["arch"] not in _WIDTH_DEFAULT:
+        raise ValueError(f"options.arch={o['arch']!r} is not allowed; choose vgg7 or resnet20")
+    if o["width"] is None:
+        o["width"] = _WIDTH_DEFAULT[o["arch"]]
+    wq = str(o["weight_quant"])
+    if not (wq in ("binary", "ternary") or (wq.startswith("int") and wq[3:].isdigit() and 2 <= int(wq[3:]) <= 8)):
+        raise ValueError(f"options.weight_quant={wq!r} is not allowed; choose binary, ternary or int2..int8")
+    o["weight_quant"] = wq
+    try:
+        for key in ("act_bits", "acc_bits", "eval_size", "calib_size", "train_size"):
+            o[key] = int(o[key])
+        for key in ("width", "p", "k", "lambda_o"):
+            o[key] = float(o[key])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"a WrapNet option has the wrong type: {exc}") from None
+    o["cyclic"] = _as_bool("cyclic", o["cyclic"])
+    checks = [
+        ("act_bits", 1 <= o["act_bits"] <= 8, "an integer in 1..8"),
+        ("acc_bits", 2 <= o["acc_bits"] <= 31, "an integer in 2..31"),
+        ("width", o["width"] > 0, "> 0"),
+        ("p", 0.0 <= o["p"] <= 1.0, "a fraction in [0, 1]"),
+        ("k", o["k"] > 0, "> 0"),
+        ("lambda_o", o["lambda_o"] >= 0, ">= 0"),
+        ("eval_size", 1 <= o["eval_size"] <= 10000, "in 1..10000"),
+        ("calib_size", o["calib_size"] >= 1, ">= 1"),
+        ("train_size", o["train_size"] >= 0, ">= 0 (0 = all)"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"options.{key}={o[key]!r} is not allowed; it must be {allowed}")
+    return o
+
+
+class WrapNetWorkload(Workload):
+    """WrapNet on Fashion-MNIST (spec §3); see the module docstring for options and metrics."""
+
+    name = "wrapnet"
+    description = "WrapNet (spec §3): binary/ternary VGG-7 on Fashion-MNIST with a cyclic activation for 8-bit accumulators"
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        self.opts = resolve_options(dict(config.options))
+        self.acc_bits: int = self.opts["acc_bits"]
+        self.layer_names = [n for n, _ in wrap_layers(self._new_model())]
+        self.acc_column = f"eval_accuracy_acc{self.acc_bits}"
+        self.eval_columns = (
+            "eval_accuracy",
+            self.acc_column,
+            "overflow_rate",
+            *[f"overflow_rate_{self._col(n)}" for n in self.layer_names],
+        )
+        self._train: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._partitions: list[np.ndarray] | None = None
+        self._eval: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._steps: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _col(layer_name: str) -> str:
+        return layer_name.replace(".", "_")
+
+    def data_root(self) -> Path:
+        """Directory with the idx files: ``options.data_root``, else ``config.data_dir`` if it holds them, else
+        the Debian package location."""
+        if self.opts["data_root"]:
+            return Path(self.opts["data_root"])
+        d = Path(self.config.data_dir)
+        if (d / "train-images-idx3-ubyte.gz").exists() or (d / "train-images-idx3-ubyte").exists():
+            return d
+        return Path(FASHION_MNIST_ROOT)
+
+    def _new_model(self) -> nn.Module:
+        o = self.opts
+        return build_wrapnet(o["arch"], in_channels=1, num_classes=10, image_size=28, width=o["width"],
+                             weight_quant=o["weight_quant"], b=o["acc_bits"], k=o["k"], act_bits=o["act_bits"],
+                             persistent_step_sizes=False)
+
+    def _train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images ``[N, 1, 28, 28]`` and int64 labels of the (optionally truncated) train split."""
+        if self._train is None:
+            x, y = load_fashion_mnist(self.data_root(), "train", normalize=False)
+            n = self.opts["train_size"]
+            if n:
+                keep = np.sort(np.random.default_rng([self.config.seed, 1]).permutation(len(y))[:n])
+                x, y = x[keep], y[keep]
+            self._train = (x, y)
+        return self._train
+
+    def partitions(self) -> list[np.ndarray]:
+        """Index arrays (into the train split) of every client; deterministic from the config."""
+        if self._partitions is None:
+            _, y = self._train_data()
+            part = self.config.partition
+            if part == "dirichlet":
+                self._partitions = dirichlet_partition(y.numpy(), self.config.num_clients, self.config.alpha,
+                                                       self.config.seed)
+            elif part in ("iid", "speaker"):
+                self._partitions = iid_partition(len(y), self.config.num_clients, self.config.seed)
+            else:
+                raise ValueError(f"partition={part!r} is not allowed for wrapnet; choose iid or dirichlet")
+        return self._partitions
+
+    @staticmethod
+    def _to_float(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).div_(255.0)
+
+    def _calibration_batch(self) -> torch.Tensor:
+        x, _ = self._train_data()
+        n = min(self.opts["calib_size"], len(x))
+        idx = np.sort(np.random.default_rng([self.config.seed, 2]).permutation(len(x))[:n])
+        return self._to_float(x[idx])
+
+    def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._eval is None:
+            x, y = load_fashion_mnist(self.data_root(), "test", normalize=False)
+            n = self.opts["eval_size"]
+            idx = np.sort(np.random.default_rng([self.config.seed, 3]).permutation(len(y))[:n])
+            x, y = self._to_float(x[idx]), y[idx]
+            self._eval = [(x[i : i + _EVAL_BATCH], y[i : i + _EVAL_BATCH]) for i in range(0, len(y), _EVAL_BATCH)]
+        return self._eval
+
+    # ------------------------------------------------------------------ server side
+    def prepare(self) -> None:
+        """Check the Fashion-MNIST files and the partition settings.
+
+        Raises:
+            FileNotFoundError: the idx files are missing (the message says ``apt-get install dataset-fashion-mnist``).
+            ValueError: more clients than training images, bad alpha.
+        """
+        load_fashion_mnist(self.data_root(), "test", normalize=False)
+        self.partitions()
+
+    def build_model(self) -> nn.Module:
+        """The WrapNet model in its fine-tuning configuration, deterministic from ``config.seed``.
+
+        Weights are initialized under ``torch.manual_seed(config.seed)`` (global RNG state restored afterwards);
+        step sizes come from §3.4 on the calibration batch (``p``, grid ``act_bits..1``, b = ``acc_bits``) and are
+        non-persistent buffers (every process recomputes the same values). Modes: ``act_quant=True``,
+        ``cyclic=options.cyclic``, 32-bit (no-wrap) accumulator for training.
+        """
+        o = self.opts
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            model = self._new_model()
+        steps = select_step_sizes(model, [self._calibration_batch()], b=o["acc_bits"], p=o["p"],
+                                  bit_grid=tuple(range(o["act_bits"], 0, -1)), use_batch_stats=True)
+        self._steps = {n: {"a": c.a, "s_x": c.s_x, "rate": c.rate} for n, c in steps.items()}
+        set_wrapnet_mode(model, act_quant=True, cyclic=o["cyclic"], acc_bits=32)
+        model.train()
+        return model
+
+    def quantize_filter(self, name: str, module: nn.Module) -> bool:
+        """False: WrapNet layers quantize their own weights (binary/ternary); the platform's generic path still
+        broadcasts their float weights at ``--bits``."""
+        return False
+
+    def evaluate(self, model: nn.Module, round_num: int) -> dict[str, float]:
+        """Accuracy with a 32-bit and a b-bit accumulator and the overflow rates, on the fixed test subset.
+
+        Returns:
+            {"eval_accuracy", "eval_accuracy_acc{b}", "overflow_rate", "overflow_rate_<layer>"...}, fractions in
+            [0, 1].
+        """
+        batches = self._eval_batches()
+        modes = dict(act_quant=True, cyclic=self.opts["cyclic"])
+        full = evaluate_wrapnet(model, batches, acc_bits=32, **modes)
+        low = evaluate_wrapnet(model, batches, acc_bits=self.acc_bits, **modes)
+        out = {"eval_accuracy": full["accuracy"], self.acc_column: low["accuracy"],
+               "overflow_rate": low["overflow_rate"]}
+        for n, r in low["overflow_rates"].items():
+            out[f"overflow_rate_{self._col(n)}"] = r
+        return out
+
+    # ------------------------------------------------------------------ client side
+    def num_partitions(self) -> int:
+        return self.config.num_clients
+
+    def client_batches(self, client_id: int, round_num: int, num_batches: int, batch_size: int) -> list[Any]:
+        """``num_batches`` batches ``(x float32 [B, 1, 28, 28] in [0, 1], y int64 [B])`` drawn without replacement
+        (cycling if the client has fewer than ``num_batches * batch_size`` images) from client ``client_id``'s
+        partition, deterministic in (``config.seed``, client, round).
+
+        Raises:
+            ValueError: ``client_id`` outside ``0..num_clients-1``, or non-positive counts.
+        """
+        if not 0 <= client_id < self.config.num_clients:
+            raise ValueError(f"client_id={client_id} is out of range 0..{self.config.num_clients - 1}")
+        if num_batches < 1 or batch_size < 1:
+            raise ValueError(f"num_batches={num_batches} and batch_size={batch_size} must be >= 1")
+        x, y = self._train_data()
+        part = self.partitions()[client_id]
+        rng = np.random.default_rng([self.config.seed, client_id, round_num])
+        need = num_batches * batch_size
+        reps = -(-need // len(part))
+        order = np.concatenate([rng.permutation(part) for _ in range(reps)])[:need]
+        idx = torch.from_numpy(order)
+        xb, yb = self._to_float(x[idx]), y[idx]
+        return [(xb[i * batch_size : (i + 1) * batch_size], yb[i * batch_size : (i + 1) * batch_size])
+                for i in range(num_batches)]
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """``CE + λ_o R_o`` (spec §3.3; R_o is recorded by the layers in training mode only). Returns (mean loss,
+        batch size)."""
+        x, y = batch
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if self.opts["lambda_o"]:
+            loss = loss + self.opts["lambda_o"] * model_overflow_penalty(model).to(loss.dtype)
+        return loss, int(y.numel())
+
+    def describe(self) -> dict[str, Any]:
+        parts = self.partitions()
+        model = self._new_model()
+        return {
+            "dataset": "fashion-mnist",
+            "data_root": str(self.data_root()),
+            "partition": "iid" if self.config.partition == "speaker" else self.config.partition,
+            "partition_sizes": [int(len(p)) for p in parts],
+            "num_parameters": int(sum(p.numel() for p in model.parameters())),
+            "options": {k: v for k, v in self.opts.items()},
+            "quantized_layers": self.layer_names,
+            "step_sizes": self._steps,
+        }
