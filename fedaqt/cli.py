@@ -51,6 +51,8 @@ def run(
     eval_every: Optional[int] = typer.Option(None, help="evaluate every N rounds (and the first and last)"),
     data_dir: Optional[str] = typer.Option(None, help="dataset directory (LibriSpeech layout for asr)"),
     model_size: Optional[str] = typer.Option(None, help="model size preset: tiny, small, large"),
+    real_eval: Optional[bool] = typer.Option(None, "--real-eval/--no-real-eval", help="also evaluate on real recorded speech (asr)"),
+    real_eval_max: Optional[int] = typer.Option(None, help="at most this many real-speech utterances"),
     partition: Optional[str] = typer.Option(None, help="data partition: speaker, iid or dirichlet"),
     alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration for --partition dirichlet"),
     ray_address: Optional[str] = typer.Option(None, help="attach to an existing Ray cluster (e.g. 127.0.0.1:6379)"),
@@ -168,6 +170,11 @@ def plugins_list() -> None:
     for name in list_presets():
         table.add_row(name, "preset", "fedaqt", "named configuration (--preset)")
     console.print(table)
+
+
+from fedaqt.report.memory_cli import profile_command  # noqa: E402  (kept light: imports lazily inside)
+
+app.command("profile")(profile_command)
 
 
 def main() -> None:  # pragma: no cover

@@ -82,7 +82,12 @@ class Server:
         self.history: list[dict[str, Any]] = []
 
     def budget_fn(self) -> Any:
-        return None
+        """Memory-budget check of replies (``--device-profile``); None admits every client."""
+        if not self.config.device_profile:
+            return None
+        from fedaqt.sim.devices import make_budget_fn
+
+        return make_budget_fn(self.config)
 
     def evaluate(self, round_num: int) -> dict[str, float]:
         params = {k: a.numpy() for k, a in self.arrays.items()}
