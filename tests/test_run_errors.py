@@ -1,0 +1,40 @@
+"""Bad input fails before Ray starts, naming the bad value and the allowed ones (issue 2)."""
+
+import pytest
+from typer.testing import CliRunner
+
+from fedaqt.cli import app
+from fedaqt.config import ConfigError, RunConfig
+from fedaqt.sim.runner import preflight
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--workload", "nope"], "asr"),
+        (["--strategy", "nope"], "relay"),
+        (["--bits", "5"], "32, 8, 4"),
+        (["--granularity", "row"], "tensor, channel"),
+        (["--num-clients", "0"], "num_clients must be a positive integer"),
+        (["--rounds", "-1"], "rounds must be a positive integer"),
+        (["--clients-per-round", "50", "--num-clients", "4"], "exceeds num_clients=4"),
+        (["--strategy", "relay", "--algorithm", "fedavg"], "FedSGD only"),
+        (["--data-dir", "/nonexistent/speech"], "fedaqt data speech"),
+    ],
+)
+def test_cli_rejects_bad_input_before_ray(args, needle, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start on bad input"))
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2, result.output
+    assert needle in " ".join(result.output.split())
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ConfigError, match="bitz"):
+        RunConfig.from_mapping({"bitz": 8})
+
+
