@@ -98,25 +98,63 @@ def test_relay_changes_only_maxabs_entries_and_not_uploads(tmp_path):
     assert rounds["relay_norm_ratio"] > 0
 
 
-def test_malformed_reply_is_rejected_not_averaged(tmp_path):
+@pytest.mark.parametrize("defect", ["nan", "inf", "shape", "dtype", "missing"])
+def test_malformed_reply_is_rejected_not_averaged(tmp_path, defect):
     from flwr.app import Array, ArrayRecord, RecordDict
+
+    key = "enc1.weight"
 
     def tamper(pid, content):
         if pid != 1:
             return content
-        arrays = content["arrays"]
-        bad = {k: Array(a.numpy()) for k, a in arrays.items()}
-        key = "enc1.weight"
+        bad = {k: Array(a.numpy()) for k, a in content["arrays"].items()}
         w = bad[key].numpy().copy()
-        w[0, 0] = np.nan
-        bad[key] = Array(w)
+        if defect == "nan":
+            w[0, 0] = np.nan
+        elif defect == "inf":
+            w[1, 1] = np.inf
+        elif defect == "shape":
+            w = w[:, :-1].copy()
+        elif defect == "dtype":
+            w = w.astype(np.int64)
+        if defect == "missing":
+            del bad[key]
+        else:
+            bad[key] = Array(w)
         return RecordDict({"arrays": ArrayRecord(bad), "metrics": content["metrics"]})
 
-    cfg, server, _, update, w0 = one_round(tmp_path, "fedsgd", 8, "tensor", tamper=tamper)
+    _, _, _, update, _ = one_round(tmp_path, "relay", 8, "tensor", tamper=tamper)
+    _, _, _, update_without, _ = one_round(tmp_path / "ref", "relay", 8, "tensor",
+                                          tamper=lambda pid, c: _drop_client(pid, c, 1))
     import pandas as pd
 
     clients = pd.read_csv(tmp_path / "clients.csv")
     bad = clients[clients.client_id == 1].iloc[0]
-    assert bad.status == "rejected" and "enc1.weight" in bad.error
+    assert bad.status == "rejected" and key in bad.error
     assert (clients.status == "ok").sum() == 2
-    assert np.isfinite(update["enc1.weight"].numpy()).all()
+    # the round equals one in which client 1 never replied
+    for k in update:
+        assert torch.equal(update[k], update_without[k]), k
+
+
+def _drop_client(pid, content, drop):
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    if pid != drop:
+        return content
+    return RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-examples": 0}),
+                       "error": ConfigRecord({"error": "dropped by the test"})})
+
+
+def test_client_that_raises_is_recorded_and_round_completes(tmp_path):
+    cfg = RunConfig(workload="toy", strategy="fedsgd", bits=8, num_clients=3, clients_per_round=3, rounds=2,
+                    out=str(tmp_path), seed=0)
+    server = Server(cfg, tmp_path)
+    summary = server.run_rounds(FakeGrid(3, fail_partitions={2}))
+    import pandas as pd
+
+    clients = pd.read_csv(tmp_path / "clients.csv")
+    failed = clients[clients.client_id == 2]
+    assert list(failed.status) == ["error", "error"] and failed.error.str.contains("JSONDecodeError").all()
+    assert summary["rounds_completed"] == 2
+    assert summary["participation_rate"] == pytest.approx(4 / 6)

@@ -114,6 +114,10 @@ class ASRWorkload(Workload):
         self.train_subset = str(opts.get("train_subset", "train"))
         self.eval_subset = str(opts.get("eval_subset", "dev"))
         self.eval_max = int(opts.get("eval_max", 64))
+        # clients use the sorted training speakers from ``speaker_offset`` on (e.g. the second half for fine-tuning)
+        self.speaker_offset = int(opts.get("speaker_offset", 0))
+        # a float state_dict (``torch.save``) to start from, e.g. a centrally pretrained model
+        self.init_checkpoint = str(opts.get("init_checkpoint", ""))
         self.featurizer = LogMel()
         self._feature_cache: dict[str, torch.Tensor] = {}
         self._real_eval: list[tuple[torch.Tensor, list[int], str]] | None = None
@@ -135,18 +139,22 @@ class ASRWorkload(Workload):
         n_spk = len(self.speakers)
         if n_spk == 0:
             raise FileNotFoundError(f"no usable speakers under {root / self.train_subset}")
+        n_spk -= self.speaker_offset
         if self.config.num_clients > n_spk:
             raise ValueError(
-                f"num_clients={self.config.num_clients} exceeds the {n_spk} training speakers in {root}; "
-                f"use --num-clients {n_spk} or fewer (one or more speakers per client)"
+                f"num_clients={self.config.num_clients} exceeds the {n_spk} training speakers in {root}"
+                f"{f' after speaker_offset={self.speaker_offset}' if self.speaker_offset else ''}; "
+                f"use --num-clients {max(n_spk, 0)} or fewer (one or more speakers per client)"
             )
+        if self.init_checkpoint and not Path(self.init_checkpoint).is_file():
+            raise FileNotFoundError(f"options.init_checkpoint={self.init_checkpoint!r} does not exist")
 
     def num_partitions(self) -> int:
         return self.config.num_clients
 
     def client_utterances(self, client_id: int) -> list[Utterance]:
         """Speakers are dealt round-robin to clients in sorted order: client i gets speakers i, i+N, ..."""
-        spk = sorted(self.speakers)
+        spk = sorted(self.speakers)[self.speaker_offset :]
         mine = spk[client_id :: self.config.num_clients]
         return [u for s in mine for u in self.speakers[s]]
 
@@ -176,7 +184,10 @@ class ASRWorkload(Workload):
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.config.seed)
         dropout = float(self.config.options.get("dropout", 0.1))
-        return ConformerCTC(N_MELS, len(VOCAB), size=self.config.model_size, dropout=dropout)
+        model = ConformerCTC(N_MELS, len(VOCAB), size=self.config.model_size, dropout=dropout)
+        if self.init_checkpoint:
+            model.load_state_dict(torch.load(self.init_checkpoint, map_location="cpu", weights_only=True))
+        return model
 
     def quantize_filter(self, name: str, module: nn.Module) -> bool:
         return is_encoder_matrix(name, module)
@@ -240,4 +251,4 @@ class ASRWorkload(Workload):
 
     def describe(self) -> dict[str, Any]:
         sizes = [len(self.client_utterances(c)) for c in range(self.config.num_clients)]
-        return {"train_speakers": len(self.speakers), "utterances_per_client": sizes}
+        return {"train_speakers": len(self.speakers), "speaker_offset": self.speaker_offset, "utterances_per_client": sizes}
