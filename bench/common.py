@@ -42,6 +42,6 @@ def pretrain_central(out: Path, speakers: int, steps: int, batch_size: int, lr: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             if step % 50 == 0 or step == steps:
-                print(f"  pretrain step {step}/{steps}: loss {float(loss):.3f} ({time.time() - t0:.0f} s)", flush=True)
+                print(f"  pretrain step {step}/{steps}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
         torch.save(model.state_dict(), ckpt)
     return ckpt, workload.evaluate(model, 0)
