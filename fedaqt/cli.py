@@ -58,27 +58,35 @@ def run(
     ray_address: Optional[str] = typer.Option(None, help="attach to an existing Ray cluster (e.g. 127.0.0.1:6379)"),
     device_profile: Optional[str] = typer.Option(None, help="CSV of per-client memory budgets"),
     option: list[str] = typer.Option([], "--option", "-o", help="workload/strategy option KEY=VALUE (repeatable)"),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete round (its config.json; only --num-cpus, --client-num-cpus, --ray-address may change)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Flower/Ray logs"),
 ) -> None:
     """Run a federated simulation and write the run directory."""
-    from fedaqt.config import ConfigError, resolve_config
+    from fedaqt.config import ConfigError, resolve_config, resolve_resume_config
     from fedaqt.sim.runner import run_experiment
 
-    cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "verbose", "resolve_config", "run_experiment", "ConfigError")}
+    cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "resume", "verbose", "resolve_config", "resolve_resume_config", "run_experiment", "ConfigError")}
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = resolve_config(preset, config, cli)
-        if option:
-            opts = dict(cfg.options)
-            for item in option:
-                if "=" not in item:
-                    raise ConfigError(f"--option {item!r} must be KEY=VALUE")
-                k, v = item.split("=", 1)
-                opts[k] = _parse_value(v)
-            cfg = cfg.override({"options": opts})
+        opts: dict = {}
+        for item in option:
+            if "=" not in item:
+                raise ConfigError(f"--option {item!r} must be KEY=VALUE")
+            k, v = item.split("=", 1)
+            opts[k] = _parse_value(v)
+        if resume:
+            if preset or config:
+                raise ConfigError("--resume RUN_DIR takes the configuration from RUN_DIR/config.json; drop --preset/--config")
+            if opts:
+                cli["options"] = {**resolve_resume_config(resume, {}).options, **opts}
+            cfg = resolve_resume_config(resume, cli)
+        else:
+            cfg = resolve_config(preset, config, cli)
+            if opts:
+                cfg = cfg.override({"options": {**cfg.options, **opts}}, source="--option")
     except ConfigError as exc:
         _fail(str(exc))
-    console.print(f"[bold]fedaqt run[/] workload={cfg.workload} strategy={cfg.strategy} bits={cfg.bits} "
+    console.print(f"[bold]fedaqt run[/] {'(resume) ' if resume else ''}workload={cfg.workload} strategy={cfg.strategy} bits={cfg.bits} "
                   f"algorithm={cfg.algorithm} clients={cfg.clients_per_round}/{cfg.num_clients} rounds={cfg.rounds} -> {cfg.out}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -93,7 +101,7 @@ def run(
             bar.update(task, completed=rnd, info=" ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 
         try:
-            summary = run_experiment(cfg, progress=progress)
+            summary = run_experiment(cfg, progress=progress, resume=bool(resume))
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
     _print_summary(summary, cfg.out)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,10 @@ ALLOWED_UPLINK_BITS = (32, 16, 8)
 ALLOWED_GRANULARITY = ("tensor", "channel")
 ALLOWED_ALGORITHMS = ("fedsgd", "fedavg")
 ALLOWED_PARTITIONS = ("iid", "dirichlet", "speaker")
+
+#: keys that ``fedaqt run --resume RUN_DIR`` lets the command line change: where and with how many cores the run
+#: executes. Every other key changes what is computed, so a resumed run refuses a different value for it.
+RESUME_OVERRIDABLE = ("num_cpus", "client_num_cpus", "ray_address")
 
 
 class ConfigError(ValueError):
@@ -83,25 +89,34 @@ class RunConfig:
                 f"unknown key(s) {unknown} in {source}; allowed keys: {', '.join(sorted(known))}"
             )
         cfg = cls()
-        return cfg.override({k.replace("-", "_"): v for k, v in values.items()})
+        return cfg.override({k.replace("-", "_"): v for k, v in values.items()}, source=source)
 
-    def override(self, values: dict[str, Any]) -> "RunConfig":
-        """Return a copy with ``values`` (None means 'not given') applied, coerced to the field types."""
+    def override(self, values: dict[str, Any], source: str = "") -> "RunConfig":
+        """Return a copy with ``values`` (None means 'not given') applied, coerced to the field types.
+
+        Raises:
+            ConfigError: an unknown key or a value of the wrong type (the message names the key and ``source``).
+        """
         types = {f.name: f.type for f in fields(self)}
         current = dataclasses.asdict(self)
+        where = f" in {source}" if source else ""
         for key, value in values.items():
             if value is None:
                 continue
             if key not in types:
-                raise ConfigError(f"unknown key {key!r}")
-            current[key] = _coerce(key, value, getattr(self, key))
+                raise ConfigError(f"unknown key {key!r}{where}; allowed keys: {', '.join(sorted(types))}")
+            current[key] = _coerce(key, value, getattr(self, key), where)
         return RunConfig(**current)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        """Write the configuration as JSON atomically (``fedaqt run --config PATH`` reads it back)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ validation
     def validate(self, known_workloads: list[str] | None = None, known_strategies: list[str] | None = None) -> "RunConfig":
@@ -118,9 +133,16 @@ class RunConfig:
         for key in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size", "num_cpus", "eval_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.real_eval_max <= 0:
+            raise ConfigError(f"real_eval_max must be a positive integer, got {self.real_eval_max!r}")
         for key in ("lr", "server_lr", "client_num_cpus", "alpha"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
+        if self.ray_address and ":" not in self.ray_address and self.ray_address != "auto":
+            raise ConfigError(
+                f"ray_address={self.ray_address!r} must be HOST:PORT of a running Ray head (e.g. 127.0.0.1:6379) or 'auto'"
+            )
         if not 0.0 <= self.server_momentum < 1.0:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
         if self.clients_per_round > self.num_clients:
@@ -141,30 +163,48 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
+def _coerce(key: str, value: Any, default: Any, where: str = "") -> Any:
+    """``value`` converted to the type of ``default``; strings from the command line are parsed.
+
+    Booleans accept true/false (also 1/0, yes/no, on/off); integers reject fractions and booleans; strings reject
+    numbers, lists and tables (a TOML ``workload = 5`` is an error, not ``"5"``).
+    """
     try:
         if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
             if isinstance(value, str):
                 low = value.strip().lower()
                 if low in ("1", "true", "yes", "on"):
                     return True
                 if low in ("0", "false", "no", "off"):
                     return False
-                raise ValueError(value)
-            return bool(value)
+            raise ValueError(value)
         if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError(value)
             if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, (dict, list)):
                 raise ValueError(value)
             return int(value)
         if isinstance(default, float):
+            if isinstance(value, (bool, dict, list)):
+                raise ValueError(value)
             return float(value)
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise ValueError(value)
             return dict(value)
-        return str(value)
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {type(default).__name__}") from None
+        raise ConfigError(
+            f"{key}={value!r}{where} has the wrong type; expected {type(default).__name__}"
+        ) from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -185,8 +225,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             data = tomllib.loads(p.read_text())
     except Exception as exc:  # noqa: BLE001 - report any parse error with the file name
         raise ConfigError(f"cannot parse {str(p)!r}: {exc}") from exc
-    if "run" in data and isinstance(data["run"], dict) and len(data) == 1:
-        data = data["run"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(p)!r} must hold a table/object of configuration keys, got {type(data).__name__}")
+    if isinstance(data.get("run"), dict):  # keys may sit under a [run] table, next to [options]
+        run = dict(data.pop("run"))
+        if "options" in run and "options" in data:
+            run["options"] = {**data.pop("options"), **run["options"]}
+        data = {**data, **run}
     return data
 
 
@@ -194,15 +239,62 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
+def preset_path(name: str) -> Path:
+    """The file of preset ``name``. Raises ConfigError listing the known presets."""
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        raise ConfigError(f"preset {name!r} does not exist; known presets: {', '.join(list_presets())}")
+    return path
+
+
 def resolve_config(preset: str | None, config_file: str | None, cli: dict[str, Any]) -> RunConfig:
-    """defaults < preset < config file < CLI flags (None = flag not given)."""
-    values: dict[str, Any] = {}
+    """defaults < preset < config file < CLI flags (None = flag not given).
+
+    Each layer is checked on its own, so an error names the file (or preset) that holds the bad key. The
+    ``options`` tables of the preset and the file are merged key by key (the file wins).
+
+    Raises:
+        ConfigError: unknown preset, missing/unparsable file, unknown key or wrong type.
+    """
+    cfg = RunConfig()
+    layers: list[tuple[str, dict[str, Any]]] = []
     if preset:
-        path = PRESET_DIR / f"{preset}.toml"
-        if not path.exists():
-            raise ConfigError(f"preset {preset!r} does not exist; known presets: {', '.join(list_presets())}")
-        values.update(load_config_file(path))
+        layers.append((f"preset {preset!r}", load_config_file(preset_path(preset))))
     if config_file:
-        values.update(load_config_file(config_file))
-    cfg = RunConfig.from_mapping(values, source=config_file or f"preset {preset}")
-    return cfg.override({k: v for k, v in cli.items() if v is not None})
+        layers.append((str(config_file), load_config_file(config_file)))
+    for source, values in layers:
+        RunConfig.from_mapping(values, source=source)  # unknown keys / types, naming this source
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        if "options" in values and isinstance(values["options"], dict):
+            values["options"] = {**cfg.options, **values["options"]}
+        cfg = cfg.override(values, source=source)
+    return cfg.override({k: v for k, v in cli.items() if v is not None}, source="command-line options")
+
+
+def resolve_resume_config(run_dir: str | Path, cli: dict[str, Any]) -> RunConfig:
+    """The configuration of the run in ``run_dir`` (its ``config.json``) for ``fedaqt run --resume RUN_DIR``.
+
+    ``out`` becomes ``run_dir`` (the directory may have moved). Command-line values may change only
+    :data:`RESUME_OVERRIDABLE` keys; a different value for any other key is refused, since the resumed run would
+    no longer continue the same computation (an equal value is accepted).
+
+    Raises:
+        ConfigError: ``run_dir`` has no ``config.json``, or a refused override (the message names the key).
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"cannot resume: {str(path)!r} does not exist (is {str(run_dir)!r} a run directory?)")
+    cfg = RunConfig.from_mapping(load_config_file(path), source=str(path))
+    out = cli.get("out")
+    if out is not None and Path(out).resolve() != Path(run_dir).resolve():
+        raise ConfigError(f"--resume {str(run_dir)!r} writes into that run directory; --out {out!r} would differ")
+    given = {k: v for k, v in cli.items() if v is not None and k != "out"}
+    probe = cfg.override(given, source="command-line options")
+    changed = sorted(k for k in given if getattr(probe, k) != getattr(cfg, k) and k not in RESUME_OVERRIDABLE)
+    if changed:
+        detail = ", ".join(f"{k}={getattr(probe, k)!r} (run has {getattr(cfg, k)!r})" for k in changed)
+        raise ConfigError(
+            f"--resume continues the run in {str(run_dir)!r} with its own configuration; cannot change {detail}. "
+            f"Only {', '.join(RESUME_OVERRIDABLE)} may differ; start a new run (--config {path} --out NEW_DIR) instead"
+        )
+    return probe.override({"out": str(run_dir)})

@@ -1,16 +1,21 @@
 """Plugin discovery: workloads and strategies from Python entry points.
 
 Groups: ``fedaqt.workloads`` (a :class:`fedaqt.workloads.base.Workload` subclass) and ``fedaqt.strategies`` (a
-:class:`fedaqt.strategies.registry.StrategyPlugin`). fedaqt's built-ins register through the same groups in its
-own ``pyproject.toml``; when the package metadata is unavailable (running from a source tree), the built-ins are
-still found.
+:class:`fedaqt.strategies.registry.StrategyPlugin`, or a strategy class that puts
+:class:`fedaqt.strategies.quantized.QuantizedMixin` in front of a Flower Message-API strategy). fedaqt's built-ins
+register through the same groups in its own ``pyproject.toml``; when the package metadata is unavailable (running
+from a source tree), the built-ins are still found.
+
+Name clashes: a name registered by two different distributions is ambiguous and selecting it is an error that
+names both packages (``fedaqt plugins list`` shows the clash). The same distribution seen twice on ``sys.path``
+(an editable install next to its source tree) is not a clash.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 log = logging.getLogger("fedaqt.plugins")
@@ -26,6 +31,8 @@ _BUILTIN_WORKLOADS = {
 
 @dataclass(frozen=True)
 class PluginInfo:
+    """One row of ``fedaqt plugins list``: ``kind`` is "workload" or "strategy"; ``source`` the distribution."""
+
     name: str
     kind: str
     source: str
@@ -36,6 +43,10 @@ class UnknownPluginError(ValueError):
     """``--workload``/``--strategy`` named something not registered; the message lists the known names."""
 
 
+class PluginLoadError(ValueError):
+    """A registered plugin cannot be imported, is ambiguous, or is not a workload/strategy."""
+
+
 def _load_ref(ref: str) -> Any:
     import importlib
 
@@ -43,8 +54,36 @@ def _load_ref(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _entry_points(group: str) -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=group)}
+def _dist_name(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else "?"
+
+
+def _entry_points(group: str) -> dict[str, list[EntryPoint]]:
+    """name -> entry points of ``group``, one per distinct distribution (duplicates of one dist dropped)."""
+    out: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=group):
+        same = out.setdefault(ep.name, [])
+        if not any(_dist_name(e) == _dist_name(ep) for e in same):
+            same.append(ep)
+    return out
+
+
+def _resolve(group: str, name: str, kind: str) -> tuple[Any, str] | None:
+    """(loaded object, source distribution) for ``name`` in ``group``; None when not registered there."""
+    eps = _entry_points(group).get(name)
+    if not eps:
+        return None
+    if len(eps) > 1:
+        owners = ", ".join(sorted(_dist_name(e) for e in eps))
+        raise PluginLoadError(f"{kind} {name!r} is registered by several packages ({owners}); uninstall all but one")
+    ep = eps[0]
+    try:
+        return ep.load(), _dist_name(ep)
+    except Exception as exc:  # noqa: BLE001 - name the plugin and its package
+        raise PluginLoadError(
+            f"{kind} {name!r} from package {_dist_name(ep)!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def workload_names() -> list[str]:
@@ -57,45 +96,83 @@ def strategy_names() -> list[str]:
     return sorted(set(BUILTIN_STRATEGIES) | set(_entry_points(STRATEGY_GROUP)))
 
 
+def _check_workload(name: str, obj: Any, source: str) -> type:
+    from fedaqt.workloads.base import Workload
+
+    if not (isinstance(obj, type) and issubclass(obj, Workload)):
+        raise PluginLoadError(
+            f"workload {name!r} from package {source!r} is {obj!r}, not a subclass of fedaqt.workloads.base.Workload"
+        )
+    return obj
+
+
 def get_workload_class(name: str) -> type:
-    """Raises UnknownPluginError listing the known workloads."""
-    eps = _entry_points(WORKLOAD_GROUP)
-    if name in eps:
-        return eps[name].load()
+    """The Workload subclass registered as ``name``.
+
+    Raises:
+        UnknownPluginError: not registered (the message lists the known workloads).
+        PluginLoadError: registered but ambiguous, failing to import, or not a Workload subclass.
+    """
+    found = _resolve(WORKLOAD_GROUP, name, "workload")
+    if found is not None:
+        return _check_workload(name, *found)
     if name in _BUILTIN_WORKLOADS:
-        return _load_ref(_BUILTIN_WORKLOADS[name])
+        return _check_workload(name, _load_ref(_BUILTIN_WORKLOADS[name]), "fedaqt")
     raise UnknownPluginError(f"unknown workload {name!r}; known workloads: {', '.join(workload_names())}")
 
 
 def get_strategy_plugin(name: str) -> Any:
-    """Raises UnknownPluginError listing the known strategies."""
-    from fedaqt.strategies.registry import BUILTIN_STRATEGIES
+    """The :class:`~fedaqt.strategies.registry.StrategyPlugin` registered as ``name``.
 
-    eps = _entry_points(STRATEGY_GROUP)
-    if name in eps:
-        return eps[name].load()
+    A registered strategy *class* (QuantizedMixin + a Flower strategy) is wrapped by
+    :func:`fedaqt.strategies.registry.plugin_from_class`.
+
+    Raises:
+        UnknownPluginError: not registered (the message lists the known strategies).
+        PluginLoadError: registered but ambiguous, failing to import, or neither a StrategyPlugin nor such a class.
+    """
+    from fedaqt.strategies.registry import BUILTIN_STRATEGIES, as_strategy_plugin
+
+    found = _resolve(STRATEGY_GROUP, name, "strategy")
+    if found is not None:
+        obj, source = found
+        try:
+            return as_strategy_plugin(obj)
+        except TypeError as exc:
+            raise PluginLoadError(f"strategy {name!r} from package {source!r}: {exc}") from None
     if name in BUILTIN_STRATEGIES:
         return BUILTIN_STRATEGIES[name]
     raise UnknownPluginError(f"unknown strategy {name!r}; known strategies: {', '.join(strategy_names())}")
 
 
+def _source(group: str, name: str) -> str:
+    eps = _entry_points(group).get(name)
+    if not eps:
+        return "fedaqt"
+    owners = sorted(_dist_name(e) for e in eps)
+    return owners[0] if len(owners) == 1 else " + ".join(owners) + " (clash)"
+
+
 def list_plugins() -> list[PluginInfo]:
-    """Every registered workload and strategy with its source package and one-line description."""
+    """Every registered workload and strategy with its source package and one-line description.
+
+    A plugin that fails to load is listed with the reason instead of a description (never fatal).
+    """
     out = []
     for name in workload_names():
-        ep = _entry_points(WORKLOAD_GROUP).get(name)
-        source = ep.dist.name if ep is not None and ep.dist is not None else "fedaqt"
         try:
-            desc = get_workload_class(name).description
+            desc = _first_line(getattr(get_workload_class(name), "description", "") or get_workload_class(name).__doc__)
         except Exception as exc:  # noqa: BLE001 - a broken plugin is listed, not fatal
             desc = f"(failed to load: {exc})"
-        out.append(PluginInfo(name, "workload", source, desc))
+        out.append(PluginInfo(name, "workload", _source(WORKLOAD_GROUP, name), desc))
     for name in strategy_names():
-        ep = _entry_points(STRATEGY_GROUP).get(name)
-        source = ep.dist.name if ep is not None and ep.dist is not None else "fedaqt"
         try:
-            desc = get_strategy_plugin(name).description
+            desc = _first_line(get_strategy_plugin(name).description)
         except Exception as exc:  # noqa: BLE001
             desc = f"(failed to load: {exc})"
-        out.append(PluginInfo(name, "strategy", source, desc))
+        out.append(PluginInfo(name, "strategy", _source(STRATEGY_GROUP, name), desc))
     return out
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0].strip() if (text or "").strip() else ""

@@ -1,7 +1,15 @@
-"""Flower ClientApp: decode the quantized broadcast, run one client round, reply with the float update.
+"""Flower ClientApp: decode the quantized broadcast, run one client round, reply with the encoded update.
 
 A client that raises does not lose the round for the others: it replies with an ``error`` ConfigRecord that the
 server records in ``clients.csv`` (status ``error``) and does not aggregate.
+
+Reply content (train): ``arrays`` (ArrayRecord, the update encoded at ``uplink_bits``, see
+:class:`fedaqt.client.trainer.UploadBuffer`), ``metrics`` (MetricRecord: ``partition-id``, ``num-examples``,
+``train_loss``, ``seconds``, ``changed_fraction``, ``upload_bytes``, ``pid`` and the memory profile
+``rss_peak_mib`` [+ ``peak_mib``, ``mem_<category>_mib`` when profiled], all written to ``clients.csv``), and for a
+FedAvg final-codes upload a ConfigRecord ``update`` = ``{"format": "final-codes", "keys": [...]}`` naming the keys
+whose arrays are final weights (codes + scales) rather than deltas. The client sends final codes only when the
+train config says ``accept-final-codes = True`` (a server that forms the delta from what it sent).
 """
 
 from __future__ import annotations
@@ -17,17 +25,29 @@ from flwr.clientapp import ClientApp
 
 from fedaqt.client.trainer import client_round, get_client_model, get_workload, load_broadcast
 from fedaqt.config import RunConfig
-from fedaqt.quant.uplink import encode_update
 from fedaqt.quant.wire import decode_broadcast
 from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, ERROR_KEY, METRICS_KEY, QUANT_META_KEY, UPDATE_KEY
 
 log = logging.getLogger("fedaqt.client")
 
+#: train-config flag of a server that accepts FedAvg final codes + scales (and forms the delta itself)
+ACCEPT_FINAL_CODES = "accept-final-codes"
+#: reply ConfigRecord describing the update format (present only for a final-codes upload)
+UPDATE_META_KEY = "update"
+FINAL_CODES_FORMAT = "final-codes"
+
 app = ClientApp()
 
 
-def handle_train(content: RecordDict, node_partition: int | None = None) -> RecordDict:
-    """Process one train message's content and return the reply content (never raises)."""
+def handle_train(content: RecordDict, node_partition: int | None = None, profile: bool | None = None) -> RecordDict:
+    """Process one train message's content and return the reply content (never raises).
+
+    Args:
+        content: the train message content (broadcast, quant metadata, train config).
+        node_partition: fallback partition id (the node's ``partition-id``).
+        profile: force (True) or suppress (False) the MemTracker profile; None follows the run config
+            (:func:`fedaqt.client.memory.profiling_requested`).
+    """
     cfg_rec = content[CONFIG_KEY]
     pid = int(cfg_rec.get("partition-id", node_partition if node_partition is not None else -1))
     try:
@@ -36,6 +56,7 @@ def handle_train(content: RecordDict, node_partition: int | None = None) -> Reco
         workload = get_workload(config)
         model = get_client_model(workload, config)
         load_broadcast(model, decode_broadcast(content[BROADCAST_KEY], content[QUANT_META_KEY]))
+        final_codes = config.algorithm == "fedavg" and config.bits < 16 and bool(cfg_rec.get(ACCEPT_FINAL_CODES, False))
         result = client_round(
             workload,
             model,
@@ -43,11 +64,14 @@ def handle_train(content: RecordDict, node_partition: int | None = None) -> Reco
             client_id=pid,
             round_num=int(cfg_rec["server-round"]),
             proximal_mu=float(cfg_rec.get("proximal-mu", 0.0)),
+            profile=profile,
+            final_codes=final_codes,
         )
-        generator = torch.Generator().manual_seed(hash((config.seed, pid, int(cfg_rec["server-round"]), "uplink")) % (2**31))
-        update = encode_update(result.update, config.uplink_bits, generator)
         metrics = {"partition-id": pid, "num-examples": result.num_examples, "pid": os.getpid(), **result.metrics}
-        return RecordDict({UPDATE_KEY: update, METRICS_KEY: MetricRecord(metrics)})
+        records = {UPDATE_KEY: result.upload.to_array_record(), METRICS_KEY: MetricRecord(metrics)}
+        if result.final_code_keys:
+            records[UPDATE_META_KEY] = ConfigRecord({"format": FINAL_CODES_FORMAT, "keys": result.final_code_keys})
+        return RecordDict(records)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which records and skips this client
         log.error("client %s failed: %s", pid, traceback.format_exc())
         return RecordDict(

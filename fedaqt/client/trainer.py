@@ -2,6 +2,22 @@
 
 The Flower ClientApp (:mod:`fedaqt.client.app`) only decodes messages and calls :func:`client_round`. Keeping the
 round a plain function lets tests and ``fedaqt profile`` run it without Ray.
+
+Memory (issue 4). The upload is built *while* the gradients are produced, so the client never holds a float
+gradient of the whole model:
+
+* FedSGD: every quantized layer delivers its weight gradient to a hook (:meth:`QuantLayer.set_weight_grad_hook`)
+  and every float parameter to a post-accumulate-grad hook; the hook encodes it into the :class:`UploadBuffer`
+  at ``config.uplink_bits`` (float32, float16, or per-channel int8 with unbiased stochastic rounding) and the float
+  gradient is dropped at once. No optimizer state exists on the client.
+* FedAvg: the same hooks apply the local SGD step of a layer as soon as its gradient exists (re-quantizing it,
+  spec §2.2 step 4), so no float gradient of the model exists either. A server that announces it
+  (``accept-final-codes`` in the train config) receives the final codes + scales of the quantized layers instead
+  of a float delta and forms the delta from what it sent (:func:`final_codes_arrays`); float parameters upload
+  their delta at ``uplink_bits``.
+
+``--bits 16`` is a profile-only setting (``fedaqt profile``, the float16 row of the dissertation's Table 3.2): the
+client model is the float model in float16 (inputs cast to float16, outputs back to float32).
 """
 
 from __future__ import annotations
@@ -9,17 +25,26 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
+from fedaqt.client.memory import MemoryProbe, MemoryProfile, profiling_requested
 from fedaqt.config import RunConfig
 from fedaqt.plugins import get_workload_class
-from fedaqt.quant.convert import convert_to_quantized, model_gradients, quant_layers, zero_quant_grads
+from fedaqt.quant.convert import convert_to_quantized, quant_layers
+from fedaqt.quant.layers import QuantLayer
 from fedaqt.quant.quantize import dequantize
-from fedaqt.quant.wire import QTensor
+from fedaqt.quant.uplink import encode_tensor_uplink
+from fedaqt.quant.wire import SCALE_SUFFIX, QTensor
 from fedaqt.workloads.base import Workload
+
+#: client model bit-widths: 32/8/4 as in ``fedaqt run``; 16 = float16 float model (``fedaqt profile`` only)
+CLIENT_BITS = (32, 16, 8, 4)
 
 # Per-process caches: a Ray actor runs many client rounds; the workload (data, features) and the model skeleton
 # are built once per configuration and refilled with each broadcast.
@@ -39,10 +64,34 @@ def get_workload(config: RunConfig) -> Workload:
     return _WORKLOADS[key]
 
 
+def _half_io(model: nn.Module) -> None:
+    """Cast floating inputs of ``model`` to float16 and floating outputs back to float32 (bits 16)."""
+
+    def to_half(t: Any) -> Any:
+        return t.half() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    def to_float(t: Any) -> Any:
+        return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    model.register_forward_pre_hook(lambda m, args, kwargs: (tree_map(to_half, args), tree_map(to_half, kwargs)),
+                                    with_kwargs=True)
+    model.register_forward_hook(lambda m, args, out: tree_map(to_float, out))
+
+
 def build_client_model(workload: Workload, config: RunConfig) -> nn.Module:
-    """Float model skeleton converted to native quantized layers (``bits < 32``) for the workload's filter."""
+    """Float model skeleton converted to native quantized layers (``bits`` 8/4) for the workload's filter;
+    ``bits == 32`` keeps the float model, ``bits == 16`` casts it to float16 (profile only).
+
+    Raises:
+        ValueError: ``config.bits`` not in :data:`CLIENT_BITS`.
+    """
+    if config.bits not in CLIENT_BITS:
+        raise ValueError(f"client bits must be one of {CLIENT_BITS}, got {config.bits!r}")
     model = workload.build_model()
-    if config.bits < 32:
+    if config.bits == 16:
+        model = model.half()
+        _half_io(model)
+    elif config.bits < 16:
         model = convert_to_quantized(model, config.bits, config.granularity, workload.quantize_filter)
     return model
 
@@ -97,13 +146,211 @@ def float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.named_buffers() if v.is_floating_point() and k not in qnames}
 
 
+# ================================================================================================ upload buffer
+def uplink_generator(seed: int, client_id: int, round_num: int) -> torch.Generator:
+    """CPU generator of the int8 stochastic rounding, a deterministic function of (seed, client, round)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(client_id) & 0xFFFFFFFF, int(round_num), 0x75706C]).generate_state(1)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+class UploadBuffer:
+    """The client's upload, encoded tensor by tensor as the values are produced (``--uplink-bits``).
+
+    Entries follow :mod:`fedaqt.quant.uplink` exactly (so the server decodes them with ``decode_update``):
+
+    * 32: ``key`` -> float32 tensor; 16: ``key`` -> float16 tensor;
+    * 8: ``key`` -> int8 codes (unbiased stochastic rounding, ``E[s*q] = value``) + ``key::scale`` -> float32
+      scale, per channel (``[out]``) for tensors with >= 2 dims, per tensor for 0-d/1-D tensors. Tensors with
+      >= 2 dims are encoded in blocks of whole rows with :func:`encode_tensor_uplink` (identical per-channel
+      scales; the float64 temporaries of the rounding stay below ``chunk_elems * 8`` bytes each);
+    * final codes (FedAvg, :meth:`add_final_codes`): ``key`` -> the layer's int8 codes + ``key::scale`` float32.
+
+    Values stay torch tensors (so the memory profile sees them) until :meth:`to_array_record`.
+
+    Args:
+        uplink_bits: 32, 16 or 8.
+        generator: CPU generator for the 8-bit rounding.
+        probe: optional :class:`MemoryProbe`; encoded tensors are accounted as gradients.
+        chunk_elems: block size of the 8-bit encoding (elements).
+
+    Raises:
+        ValueError: bad ``uplink_bits``.
+    """
+
+    def __init__(self, uplink_bits: int, generator: Optional[torch.Generator] = None,
+                 probe: Optional[MemoryProbe] = None, chunk_elems: int = 1 << 14) -> None:
+        if isinstance(uplink_bits, bool) or uplink_bits not in (32, 16, 8):
+            raise ValueError(f"uplink_bits must be one of (32, 16, 8), got {uplink_bits!r}")
+        self.uplink_bits = int(uplink_bits)
+        self.generator = generator
+        self.probe = probe
+        self.chunk_elems = int(chunk_elems)
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
+        self.final_code_keys: list[str] = []
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    # ------------------------------------------------------------------ encoding
+    def _encode(self, key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = t.detach()
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{key}: expected a floating tensor, got {t.dtype}")
+        if self.uplink_bits == 32:
+            return {key: t.to("cpu", torch.float32)}
+        if self.uplink_bits == 16:
+            return {key: t.to("cpu", torch.float16)}
+        if t.dim() < 2:
+            enc = encode_tensor_uplink(t, 8, self.generator, key=key)
+            return {k: torch.from_numpy(a) for k, a in enc.items()}
+        rows = t.shape[0]
+        per_row = max(1, t[0].numel()) if rows else 1
+        step = max(1, self.chunk_elems // per_row)
+        codes = torch.empty(t.shape, dtype=torch.int8)
+        scale = torch.empty((rows,), dtype=torch.float32)
+        for i in range(0, rows, step):
+            enc = encode_tensor_uplink(t[i:i + step], 8, self.generator, key=key)
+            codes[i:i + step] = torch.from_numpy(enc[key])
+            scale[i:i + step] = torch.from_numpy(enc[key + SCALE_SUFFIX])
+            del enc
+        return {key: codes, key + SCALE_SUFFIX: scale}
+
+    def decode(self, key: str) -> torch.Tensor:
+        """The float32 value of one entry (``scale * codes`` for int8 entries)."""
+        e = self.entries[key]
+        v = e[key]
+        if v.dtype == torch.int8:
+            s = e[key + SCALE_SUFFIX].to(torch.float32)
+            if v.dim() >= 2:
+                s = s.reshape((-1,) + (1,) * (v.dim() - 1))
+            return v.to(torch.float32) * s
+        return v.to(torch.float32)
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        """Encode ``value`` (float, any dtype) under ``key``; a second value for the same key is added to the
+        first (decode, add, re-encode: still unbiased with 8 bits).
+
+        Raises:
+            ValueError: ``key`` ends with ``::scale``, non-floating or (8 bits) non-finite values.
+        """
+        if key.endswith(SCALE_SUFFIX):
+            raise ValueError(f"update key {key!r} ends with the reserved suffix {SCALE_SUFFIX!r}")
+        if key in self.entries:
+            if key in self.final_code_keys:
+                raise ValueError(f"{key}: already uploaded as final codes")
+            value = self.decode(key) + value.detach().to("cpu", torch.float32)
+            del self.entries[key]
+        enc = self._encode(key, value)
+        self.entries[key] = enc
+        if self.probe is not None:
+            self.probe.mark_gradient(*enc.values())
+
+    def add_zeros(self, key: str, shape: tuple[int, ...]) -> None:
+        """A zero entry (a parameter that received no gradient), without a float temporary for 8 bits."""
+        if key in self.entries:
+            return
+        if self.uplink_bits == 8:
+            codes = torch.zeros(shape, dtype=torch.int8)
+            scale = torch.zeros((shape[0],) if len(shape) >= 2 else (), dtype=torch.float32)
+            self.entries[key] = {key: codes, key + SCALE_SUFFIX: scale}
+        else:
+            dtype = torch.float32 if self.uplink_bits == 32 else torch.float16
+            self.entries[key] = {key: torch.zeros(shape, dtype=dtype)}
+        if self.probe is not None:
+            self.probe.mark_gradient(*self.entries[key].values())
+
+    def add_final_codes(self, key: str, layer: QuantLayer) -> None:
+        """Upload a quantized layer's final weight as its int8 codes + float32 scale (FedAvg; the server
+        subtracts what it sent). A per-tensor scale is repeated per output channel (``[out]``), the shape
+        ``decode_update`` expects for tensors with >= 2 dims. The codes are the layer's buffer itself (no copy)."""
+        codes = layer.codes.detach()
+        s = layer.scale.detach().to(torch.float32)
+        if codes.dim() >= 2 and s.dim() == 0:
+            s = s.expand(codes.shape[0]).clone()
+        elif codes.dim() < 2 and s.dim() != 0:
+            raise ValueError(f"{key}: a per-channel scale needs codes with >= 2 dims")
+        self.entries[key] = {key: codes, key + SCALE_SUFFIX: s}
+        self.final_code_keys.append(key)
+        if self.probe is not None:
+            self.probe.mark_gradient(s)
+
+    # ------------------------------------------------------------------ output
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All arrays of the upload (``key`` and ``key::scale`` entries), as torch tensors."""
+        return {k: v for e in self.entries.values() for k, v in e.items()}
+
+    def nbytes(self) -> int:
+        """Payload bytes of the upload (array data, without the ~128 B ``.npy`` header per array)."""
+        return sum(int(v.numel() * v.element_size()) for v in self.tensors().values())
+
+    def to_array_record(self) -> ArrayRecord:
+        """The reply's ArrayRecord (``.npy`` arrays; the serialization copies each tensor once)."""
+        return ArrayRecord({k: Array(np.asarray(v.contiguous().numpy())) for k, v in self.tensors().items()})
+
+    def decoded(self, sent: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """Float32 values of every entry; final-code entries become deltas when ``sent`` (the dequantized
+        broadcast, by key) is given."""
+        out = {k: self.decode(k) for k in self.entries}
+        if sent is not None:
+            for k in self.final_code_keys:
+                out[k] = out[k] - sent[k].to(torch.float32)
+        return out
+
+
+def final_codes_arrays(update: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
+                       final_code_keys: list[str]) -> dict[str, torch.Tensor]:
+    """Server side of the FedAvg final-codes upload: ``delta_k = decoded_k - sent_k`` for the listed keys.
+
+    Args:
+        update: ``decode_update`` output (float32 by key).
+        sent: the dequantized broadcast ``s_0 * q_0`` by key (float).
+        final_code_keys: keys uploaded as final codes.
+
+    Raises:
+        ValueError: a listed key missing from ``update`` or ``sent``.
+    """
+    out = dict(update)
+    for k in final_code_keys:
+        if k not in update or k not in sent:
+            raise ValueError(f"{k}: final codes for a key that was not broadcast quantized")
+        out[k] = update[k] - sent[k].to(update[k].dtype)
+    return out
+
+
+# ================================================================================================ the round
 @dataclass
 class RoundResult:
-    """What a client sends back: float ``update`` keyed by float-model state names, ``n`` examples, metrics."""
+    """What a client sends back.
 
-    update: dict[str, torch.Tensor]
+    Attributes:
+        upload: the encoded update (:class:`UploadBuffer`; FedSGD gradients, FedAvg deltas or final codes).
+        num_examples: examples the round trained on.
+        metrics: ``train_loss``, ``seconds``, ``changed_fraction``, ``upload_bytes`` and the memory metrics
+            (:meth:`MemoryProfile.metrics`).
+        memory: the round's :class:`MemoryProfile`.
+    """
+
+    upload: UploadBuffer
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    memory: Optional[MemoryProfile] = None
+
+    @property
+    def update(self) -> dict[str, torch.Tensor]:
+        """Float32 values of the upload (final-code entries are final weights, not deltas)."""
+        return self.upload.decoded()
+
+    @property
+    def final_code_keys(self) -> list[str]:
+        return list(self.upload.final_code_keys)
+
+
+def _batch_tensors(batches: list[Any]) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(batches)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
 def client_round(
@@ -113,84 +360,161 @@ def client_round(
     client_id: int,
     round_num: int,
     proximal_mu: float = 0.0,
+    profile: Optional[bool] = None,
+    final_codes: bool = False,
 ) -> RoundResult:
-    """Train the already-loaded native quantized ``model`` for one round.
+    """Train the already-loaded client ``model`` for one round and encode the upload.
 
-    FedSGD (spec §2.2 step 3): one batch, update = dL/dw_q for quantized tensors and dL/dp for float ones.
-    FedAvg (step 4): ``config.local_steps`` SGD steps with re-quantization after every step (fresh max-abs scale);
-    update = dequantized final - dequantized received (delta), float parameters likewise; optional FedProx term.
+    FedSGD (spec §2.2 step 3): one batch; the upload holds dL/dw_q for quantized tensors and dL/dp for float ones,
+    encoded at ``config.uplink_bits`` as each gradient is produced (module docstring).
+    FedAvg (step 4): ``config.local_steps`` SGD steps (lr ``config.lr``) with re-quantization after every step
+    (fresh max-abs scale), applied per layer as soon as its gradient exists; optional FedProx term
+    ``proximal_mu * (w - w_0)``. Upload: the delta (final - received, on dequantized values), or with
+    ``final_codes`` the final codes + scales of quantized layers (float parameters still send their delta).
     Float buffers (BatchNorm statistics) upload their change in both modes.
 
+    Args:
+        profile: measure memory with MemTracker (None: :func:`fedaqt.client.memory.profiling_requested`).
+        final_codes: FedAvg only; the server forms the delta of quantized layers from what it sent.
+
     Returns:
-        RoundResult whose ``update`` tensors are float32, shaped like the float model's state.
+        RoundResult; ``metrics`` include the memory profile (``rss_peak_mib`` always; ``peak_mib`` and
+        ``mem_<category>_mib`` when profiled).
+
+    Raises:
+        RuntimeError: with FedAvg, a quantized layer used twice in one forward pass (its codes change during
+            backward; autograd reports the in-place modification).
     """
     t0 = time.perf_counter()
     torch.manual_seed(hash((config.seed, client_id, round_num)) % (2**31))
     model.train()
     workload.set_checkpointing(model, config.checkpointing)
+    fedsgd = config.algorithm == "fedsgd"
+    steps = 1 if fedsgd else config.local_steps
+    batches = workload.client_batches(client_id, round_num, steps, config.batch_size)
+    enabled = profiling_requested(config) if profile is None else bool(profile)
+    probe = MemoryProbe(model, enabled, inputs=_batch_tensors(batches))
+    upload = UploadBuffer(config.uplink_bits, uplink_generator(config.seed, client_id, round_num), probe)
     qlayers = quant_layers(model)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    buffers0 = {k: v.detach().clone() for k, v in float_buffers(model).items()}
-    steps = 1 if config.algorithm == "fedsgd" else config.local_steps
-    batches = workload.client_batches(client_id, round_num, steps, config.batch_size)
-    losses, n_total = [], 0
-
-    if config.algorithm == "fedsgd":
-        for p in params.values():
-            p.grad = None
-        zero_quant_grads(model)
-        loss, n = workload.loss(model, batches[0])
-        loss.backward()
-        losses.append(float(loss.detach()))
-        n_total = n
-        update = {k: g.detach().float() for k, g in model_gradients(model).items()}
-        changed = 0.0
-    else:
-        codes0 = {k: (l.codes.clone(), l.scale.clone()) for k, l in qlayers.items()}
-        params0 = {k: p.detach().clone() for k, p in params.items()}
-        lr = config.lr
-        changed_counts, numel = 0, sum(l.codes.numel() for l in qlayers.values())
-        for batch in batches:
-            for p in params.values():
-                p.grad = None
-            zero_quant_grads(model)
-            loss, n = workload.loss(model, batch)
-            loss.backward()
-            losses.append(float(loss.detach()))
-            n_total += n
-            with torch.no_grad():
-                for key, layer in qlayers.items():
-                    g = layer.weight_grad
-                    if g is None:
-                        continue
-                    w = layer.dequantized_weight()
-                    if proximal_mu:
-                        c0, s0 = codes0[key]
-                        g = g + proximal_mu * (w - dequantize(c0, s0))
-                    before = layer.codes.clone()
-                    layer.requantize_(w - lr * g)
-                    changed_counts += int((layer.codes != before).sum())
-                for key, p in params.items():
-                    if p.grad is None:
-                        continue
-                    g = p.grad
-                    if proximal_mu:
-                        g = g + proximal_mu * (p - params0[key])
-                    p.sub_(lr * g)
-        update = {}
-        with torch.no_grad():
-            for key, layer in qlayers.items():
-                c0, s0 = codes0[key]
-                update[key] = (layer.dequantized_weight() - dequantize(c0, s0)).float()
-            for key, p in params.items():
-                update[key] = (p.detach() - params0[key]).float()
-        changed = changed_counts / max(1, numel * len(batches))
-
-    for key, v in float_buffers(model).items():
-        update[key] = (v.detach() - buffers0[key]).float()
+    handles: list[Any] = []
+    losses: list[float] = []
+    n_total = 0
+    changed = 0.0
+    with probe:
+        try:
+            buffers0 = {k: v.detach().clone() for k, v in float_buffers(model).items()}
+            if fedsgd:
+                n_total = _fedsgd_step(workload, model, batches[0], qlayers, params, upload, handles, losses)
+            else:
+                n_total, changed = _fedavg_steps(workload, model, batches, qlayers, params, upload, handles, losses,
+                                                 config.lr, proximal_mu, final_codes and bool(qlayers), probe)
+            for key, v in float_buffers(model).items():
+                upload.add(key, v.detach() - buffers0[key])
+            del buffers0
+        finally:
+            for h in handles:
+                h.remove()
+            for layer in qlayers.values():
+                layer.set_weight_grad_hook(None)
     metrics = {
         "train_loss": float(sum(losses) / len(losses)),
         "seconds": time.perf_counter() - t0,
         "changed_fraction": float(changed),
+        "upload_bytes": float(upload.nbytes()),
     }
-    return RoundResult(update=update, num_examples=int(n_total), metrics=metrics)
+    metrics.update(probe.profile.metrics())
+    return RoundResult(upload=upload, num_examples=int(n_total), metrics=metrics, memory=probe.profile)
+
+
+def _param_hook(fn: Callable[[str, torch.Tensor], None], key: str) -> Callable[[torch.Tensor], None]:
+    def hook(p: torch.Tensor) -> None:
+        g = p.grad
+        p.grad = None  # drop the float gradient at once
+        if g is not None:
+            fn(key, g)
+
+    return hook
+
+
+def _fedsgd_step(workload, model, batch, qlayers, params, upload: UploadBuffer, handles, losses) -> int:
+    for p in params.values():
+        p.grad = None
+    for layer in qlayers.values():
+        layer.zero_weight_grad()
+        layer.set_weight_grad_hook(lambda layer, g: upload.add(layer.weight_key, g))
+    loss, n = workload.loss(model, batch)
+    # Parameter hooks are installed after the forward pass so that they run after MemTracker's own grad hooks
+    # (installed during the forward), which read p.grad.
+    for key, p in params.items():
+        handles.append(p.register_post_accumulate_grad_hook(_param_hook(upload.add, key)))
+    loss.backward()
+    losses.append(float(loss.detach()))
+    del loss
+    for key, layer in qlayers.items():
+        if key not in upload:
+            upload.add_zeros(key, tuple(layer.weight_shape))
+    for key, p in model.named_parameters():
+        if key not in upload:
+            upload.add_zeros(key, tuple(p.shape))
+    return int(n)
+
+
+def _fedavg_steps(workload, model, batches, qlayers, params, upload: UploadBuffer, handles, losses, lr: float,
+                  proximal_mu: float, final_codes: bool, probe: MemoryProbe) -> tuple[int, float]:
+    keep_codes0 = proximal_mu != 0.0 or not final_codes
+    codes0 = {k: (l.codes.clone(), l.scale.clone()) for k, l in qlayers.items()} if keep_codes0 else {}
+    params0 = {k: p.detach().clone() for k, p in params.items()}
+    probe.mark_other(*[t for pair in codes0.values() for t in pair], *params0.values())
+    counts = {"changed": 0}
+    numel = sum(l.codes.numel() for l in qlayers.values())
+
+    @torch.no_grad()
+    def layer_step(layer: QuantLayer, g: torch.Tensor) -> None:
+        w = layer.dequantized_weight()
+        g = g.to(w.dtype)
+        if proximal_mu:
+            c0, s0 = codes0[layer.weight_key]
+            g = g + proximal_mu * (w - dequantize(c0, s0))
+        before = layer.codes.clone()
+        layer.requantize_(w - lr * g)
+        counts["changed"] += int((layer.codes != before).sum())
+
+    @torch.no_grad()
+    def param_step(key: str, g: torch.Tensor) -> None:
+        p = params[key]
+        if proximal_mu:
+            g = g + proximal_mu * (p - params0[key])
+        p.sub_(lr * g)
+
+    for layer in qlayers.values():
+        layer.zero_weight_grad()
+        layer.set_weight_grad_hook(layer_step)
+    n_total = 0
+    for i, batch in enumerate(batches):
+        probe.next_step()
+        for p in params.values():
+            p.grad = None
+        loss, n = workload.loss(model, batch)
+        if i == 0:  # after the first forward: run after MemTracker's grad hooks (see _fedsgd_step)
+            for key, p in params.items():
+                handles.append(p.register_post_accumulate_grad_hook(_param_hook(param_step, key)))
+        loss.backward()
+        losses.append(float(loss.detach()))
+        del loss
+        n_total += int(n)
+    with torch.no_grad():
+        for key, layer in qlayers.items():
+            if final_codes:
+                upload.add_final_codes(key, layer)
+            else:
+                c0, s0 = codes0[key]
+                upload.add(key, layer.dequantized_weight() - dequantize(c0, s0))
+        del codes0
+        for key, p in model.named_parameters():
+            if key in params0:
+                upload.add(key, p.detach() - params0[key])
+            else:
+                upload.add_zeros(key, tuple(p.shape))
+    changed = counts["changed"] / max(1, numel * len(batches))
+    return n_total, changed

@@ -114,8 +114,8 @@ def cyclic(z: torch.Tensor, b: int = 8, k: float = 2.0) -> torch.Tensor:
     autograd derivative 1 where ``|wrap_b(z)| <= T`` and ``-k`` elsewhere (the derivative of ``mod`` is 1 a.e.).
 
     Args:
-        z: any-shape tensor in integer units (real values allowed). Integer dtypes are converted to the default
-            float dtype.
+        z: any-shape tensor in integer units (real values allowed). Integer dtypes are converted to float64
+            (exact below 2^53).
         b: accumulator bits the activation emulates (>= 1).
         k: transition slope, > 0.
 
@@ -130,7 +130,7 @@ def cyclic(z: torch.Tensor, b: int = 8, k: float = 2.0) -> torch.Tensor:
     if b < 1:
         raise ValueError(f"b={b!r} is not allowed; accumulator bits must be >= 1")
     if not z.is_floating_point():
-        z = z.to(torch.get_default_dtype())
+        z = z.to(torch.float64)
     return _CyclicFn.apply(z, int(b), float(k))
 
 
@@ -357,7 +357,7 @@ def overflow_mask(z_q: torch.Tensor, b: int) -> torch.Tensor:
 
 def overflow_rate(z_q: torch.Tensor, b: int) -> float:
     """Fraction of (neuron, sample) entries of ``z_q`` that overflow b bits (strict range; spec §3.4, §3.7)."""
-    return float(overflow_mask(z_q.detach(), b).float().mean()) if z_q.numel() else 0.0
+    return int(overflow_mask(z_q.detach(), b).sum()) / z_q.numel() if z_q.numel() else 0.0
 
 
 # ============================================================================ §3.5 carries
@@ -1085,7 +1085,7 @@ def train_epochs(model: nn.Module, train_loader: Iterable, epochs: float, lr: fl
             opt.step()
             if sched is not None:
                 sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
         history.append(float(np.mean(losses)) if losses else float("nan"))
         if log:
@@ -1111,6 +1111,9 @@ def train_pipeline(model: nn.Module, train_loader: Iterable, calib_batches: Sequ
         train_loader: re-iterable of ``(x float [B, C, H, W], y int64 [B])``.
         calib_batches: sequence of ``(x, y)`` or ``x`` for §3.4.
         eval_fn: optional ``eval_fn(model)`` called after stages 1, 3 and 4; its results are returned.
+
+    Every WrapNet layer's ``b`` and ``k`` are set to the given values; the model ends in the fine-tuning modes
+    (``act_quant=True``, ``cyclic=True``, 32-bit accumulator; evaluate with ``acc_bits=b`` for the b-bit result).
 
     Returns:
         {"steps": {layer: StepChoice}, "median_bits": float, "losses": {stage: [per-epoch loss]},

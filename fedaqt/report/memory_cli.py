@@ -1,10 +1,363 @@
-"""``fedaqt profile``: per-client memory profile across bit-widths (filled in by the memory-profiling work)."""
+"""``fedaqt profile``: what one client round's memory goes to, across bit-widths, uplinks and algorithms (issue 4).
+
+For every combination of ``--bits`` x ``--uplink-bits`` x ``--algorithm`` x ``--checkpointing`` one client round
+runs in a fresh process (``multiprocessing`` spawn, so peaks never contaminate each other). The round is the real
+client path: the float model's broadcast is encoded (``quant.encode_broadcast``), decoded into the native client
+model, and :func:`fedaqt.client.app.handle_train` trains client 0 on round 1's batch and encodes the reply, with the
+MemTracker profile on (:mod:`fedaqt.client.memory`). FedAvg combinations assume a server that accepts final codes.
+
+Output: ``OUT/memory.csv`` (columns ``workload, bits, uplink_bits, algorithm, checkpointing, peak_mib``, one
+``mem_<category>_mib`` per category, then ``ratio`` (peak / reference peak), ``rss_peak_mib``, ``upload_mib``,
+``model_size``, ``batch_size``, ``num_parameters``, ``seconds``), ``OUT/memory.png`` (stacked bars per category)
+and a table on the terminal. The reference row is the 32-bit, no-checkpointing row (float32 uplink and the first
+algorithm preferred); when it was not requested the first row is the reference and the table says so.
+
+``--bits 16`` profiles the float model in float16 (the dissertation's Table 3.2 float16 row); ``fedaqt run``
+accepts only 32/8/4.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
 import typer
 
+PROFILE_BITS = (32, 16, 8, 4)
+PROFILE_UPLINK_BITS = (32, 16, 8)
+PROFILE_ALGORITHMS = ("fedsgd", "fedavg")
+ID_COLUMNS = ["workload", "bits", "uplink_bits", "algorithm", "checkpointing"]
 
-def profile_command() -> None:
-    """Profile one client round's memory (not implemented yet)."""
-    raise typer.Exit(code=1)
+
+def _categories() -> list[str]:
+    from fedaqt.client.memory import CATEGORIES
+
+    return [f"mem_{c}_mib" for c in CATEGORIES]
+
+
+def parse_int_list(value: str, name: str, allowed: Sequence[int]) -> list[int]:
+    """``"32,8,4"`` -> ``[32, 8, 4]``. Raises typer.BadParameter naming ``name`` and the allowed values."""
+    out = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = int(part)
+        except ValueError:
+            raise typer.BadParameter(f"{name}: {part!r} is not an integer; allowed: {', '.join(map(str, allowed))}")
+        if v not in allowed:
+            raise typer.BadParameter(f"{name}: {v} is not allowed; choose from {', '.join(map(str, allowed))}")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise typer.BadParameter(f"{name}: give at least one value")
+    return out
+
+
+def parse_str_list(value: str, name: str, allowed: Sequence[str]) -> list[str]:
+    out = []
+    for part in str(value).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if part not in allowed:
+            raise typer.BadParameter(f"{name}: {part!r} is not allowed; choose from {', '.join(allowed)}")
+        if part not in out:
+            out.append(part)
+    if not out:
+        raise typer.BadParameter(f"{name}: give at least one value")
+    return out
+
+
+def parse_onoff_list(value: str) -> list[bool]:
+    vals = parse_str_list(value, "--checkpointing", ("on", "off", "true", "false", "1", "0"))
+    out: list[bool] = []
+    for v in vals:
+        b = v in ("on", "true", "1")
+        if b not in out:
+            out.append(b)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one combination
+def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one client round with the memory profile on; meant to run in a fresh process.
+
+    Args:
+        spec: ``{"config": RunConfig dict, "threads": int, "client_id": int, "round": int}``.
+
+    Returns:
+        One ``memory.csv`` row (without ``ratio``).
+
+    Raises:
+        RuntimeError: the client round failed (the client's error message).
+    """
+    import torch
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedaqt.client.app import ACCEPT_FINAL_CODES, handle_train
+    from fedaqt.config import RunConfig
+    from fedaqt.quant.convert import quantized_weight_keys
+    from fedaqt.quant.wire import encode_broadcast
+    from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, ERROR_KEY, METRICS_KEY, QUANT_META_KEY
+
+    torch.set_num_threads(max(1, int(spec.get("threads", 1))))
+    cfg = RunConfig.from_mapping(spec["config"], source="profile")
+    from fedaqt.client.trainer import get_workload
+
+    workload = get_workload(cfg)
+    prepare = getattr(workload, "prepare", None)
+    if prepare is not None:
+        prepare()
+    # the server's side of round 1: quantized broadcast of the initial float model
+    float_model = workload.build_model()
+    num_parameters = int(sum(p.numel() for p in float_model.parameters()))
+    wire_bits = cfg.bits if cfg.bits in (8, 4) else 32
+    qkeys: list[str] = []
+    if wire_bits < 32:
+        qkeys = list(quantized_weight_keys(float_model, workload.quantize_filter))
+        if hasattr(workload, "broadcast_quantized_keys"):
+            qkeys += list(workload.broadcast_quantized_keys(float_model))
+    state = {k: p.detach() for k, p in float_model.named_parameters()}
+    state.update({k: b.detach() for k, b in float_model.named_buffers() if b.is_floating_point()})
+    arrays, meta = encode_broadcast(state, qkeys, wire_bits, cfg.granularity)
+    del state, float_model
+    train_cfg = ConfigRecord({
+        "run-config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "partition-id": int(spec.get("client_id", 0)),
+        "server-round": int(spec.get("round", 1)),
+        ACCEPT_FINAL_CODES: True,
+    })
+    reply = handle_train(RecordDict({BROADCAST_KEY: arrays, QUANT_META_KEY: meta, CONFIG_KEY: train_cfg}),
+                         profile=True)
+    if ERROR_KEY in reply.config_records:
+        raise RuntimeError(str(reply.config_records[ERROR_KEY]["error"]))
+    m = dict(reply.metric_records[METRICS_KEY])
+    row: dict[str, Any] = {
+        "workload": cfg.workload,
+        "bits": cfg.bits,
+        "uplink_bits": cfg.uplink_bits,
+        "algorithm": cfg.algorithm,
+        "checkpointing": "on" if cfg.checkpointing else "off",
+        "peak_mib": float(m["peak_mib"]),
+    }
+    for c in _categories():
+        row[c] = float(m[c])
+    row.update({
+        "rss_peak_mib": float(m["rss_peak_mib"]),
+        "upload_mib": float(m["upload_bytes"]) / 2**20,
+        "model_size": cfg.model_size,
+        "batch_size": cfg.batch_size,
+        "num_parameters": num_parameters,
+        "train_loss": float(m["train_loss"]),
+        "seconds": float(m["seconds"]),
+    })
+    return row
+
+
+def run_in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """:func:`profile_one` in a new spawned process (one process per combination)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(profile_one, spec).result()
+
+
+def reference_index(rows: list[dict[str, Any]]) -> tuple[int, str]:
+    """Index of the reference row and a note: the 32-bit no-checkpointing row (float32 uplink and the first
+    algorithm preferred), else the first row."""
+    cands = [i for i, r in enumerate(rows) if r["bits"] == 32 and r["checkpointing"] == "off"]
+    if cands:
+        cands.sort(key=lambda i: (rows[i]["uplink_bits"] != 32, rows[i]["algorithm"] != rows[0]["algorithm"], i))
+        r = rows[cands[0]]
+        return cands[0], (f"reference: 32-bit, no checkpointing, uplink {r['uplink_bits']}, {r['algorithm']} "
+                          f"({r['peak_mib']:.1f} MiB)")
+    r = rows[0]
+    return 0, (f"the 32-bit no-checkpointing row was not requested; reference is the first row (bits {r['bits']}, "
+               f"uplink {r['uplink_bits']}, {r['algorithm']}, checkpointing {r['checkpointing']}, "
+               f"{r['peak_mib']:.1f} MiB)")
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> str:
+    """Set ``ratio`` = peak / reference peak on every row; returns the reference note."""
+    i, note = reference_index(rows)
+    ref = rows[i]["peak_mib"]
+    for r in rows:
+        r["ratio"] = r["peak_mib"] / ref if ref > 0 else float("nan")
+    return note
+
+
+def dominant(row: dict[str, Any], k: int = 2) -> str:
+    """The ``k`` largest categories of a row with their share of the peak, e.g. ``buffers 45%, grads 44%``."""
+    cats = sorted(((row[c], c[4:-4]) for c in _categories()), reverse=True)[:k]
+    peak = row["peak_mib"] or 1.0
+    return ", ".join(f"{name} {100 * v / peak:.0f}%" for v, name in cats if v > 0)
+
+
+def row_label(r: dict[str, Any]) -> str:
+    return f"{r['bits']}b/up{r['uplink_bits']}/{r['algorithm']}/ckpt-{r['checkpointing']}"
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, title: str = "") -> tuple[Path, Path]:
+    """Write ``memory.csv`` and ``memory.png`` (stacked bars per category) into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    cats = _categories()
+    lead = ID_COLUMNS + ["peak_mib"] + cats + ["ratio"]
+    df = pd.DataFrame(rows)
+    df = df[lead + [c for c in df.columns if c not in lead]]
+    csv_path = out / "memory.csv"
+    df.to_csv(csv_path, index=False)
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.8))
+    bottom = [0.0] * len(rows)
+    colors = plt.get_cmap("tab10").colors
+    x = list(range(len(rows)))
+    for j, c in enumerate(cats):
+        vals = [float(r[c]) for r in rows]
+        if not any(vals):
+            continue
+        ax.bar(x, vals, bottom=bottom, label=c[4:-4], color=colors[j % len(colors)])
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(rows):
+        ax.text(i, bottom[i], f"{r['peak_mib']:.0f}\n{r['ratio']:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([row_label(r) for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("peak tracked memory (MiB)")
+    ax.set_title(title or "client memory per round (MemTracker peak)")
+    ax.set_ylim(0, max(bottom) * 1.2 if bottom and max(bottom) > 0 else 1)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    png_path = out / "memory.png"
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def rich_table(rows: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ["bits", "uplink", "algorithm", "ckpt", "peak MiB", "ratio"] + [c[4:-4] for c in _categories()] + \
+            ["RSS MiB", "upload MiB", "dominant"]:
+        t.add_column(c, justify="left" if c in ("algorithm", "dominant") else "right")
+    for r in rows:
+        t.add_row(str(r["bits"]), str(r["uplink_bits"]), r["algorithm"], r["checkpointing"], f"{r['peak_mib']:.1f}",
+                  f"{r['ratio']:.3f}", *[f"{r[c]:.1f}" for c in _categories()], f"{r['rss_peak_mib']:.0f}",
+                  f"{r['upload_mib']:.1f}", dominant(r))
+    return t
+
+
+def profile_rows(
+    combos: list[dict[str, Any]],
+    base: dict[str, Any],
+    threads: int = 1,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """Profile each combination (a partial RunConfig dict merged over ``base``) in its own fresh process."""
+    rows = []
+    for i, combo in enumerate(combos):
+        cfg = {**base, **combo}
+        if progress is not None:
+            progress(i, len(combos), cfg)
+        rows.append(run_in_fresh_process({"config": cfg, "threads": threads, "client_id": 0, "round": 1}))
+    return rows
+
+
+def profile_command(
+    workload: str = typer.Option("asr", help="workload name"),
+    bits: str = typer.Option("32,16,8,4", help="client weight bit-widths, comma separated: 32, 16 (float16 model), 8, 4"),
+    uplink_bits: str = typer.Option("32,8", "--uplink-bits", help="upload encodings, comma separated: 32, 16, 8"),
+    algorithm: str = typer.Option("fedsgd", help="client algorithms, comma separated: fedsgd, fedavg"),
+    checkpointing: str = typer.Option("on", help="gradient checkpointing, comma separated: on, off"),
+    batch_size: int = typer.Option(2, help="client batch size (the dissertation used 2)"),
+    model_size: str = typer.Option("large", help="model size preset (asr: tiny, small, large ~36.5M parameters)"),
+    local_steps: int = typer.Option(1, help="FedAvg local steps"),
+    granularity: str = typer.Option("tensor", help="scale granularity: tensor or channel"),
+    data_dir: str = typer.Option("data/speech", help="dataset directory"),
+    seed: int = typer.Option(0, help="seed"),
+    threads: int = typer.Option(1, help="torch threads per profiled round"),
+    out: str = typer.Option("runs/profile", help="output directory for memory.csv and memory.png"),
+    option: list[str] = typer.Option([], "--option", "-o", help="workload option KEY=VALUE (repeatable)"),
+) -> None:
+    """Profile one client round's memory per bit-width / uplink / algorithm / checkpointing (fresh process each)."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped / captured: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    try:
+        bits_l = parse_int_list(bits, "--bits", PROFILE_BITS)
+        up_l = parse_int_list(uplink_bits, "--uplink-bits", PROFILE_UPLINK_BITS)
+        alg_l = parse_str_list(algorithm, "--algorithm", PROFILE_ALGORITHMS)
+        ck_l = parse_onoff_list(checkpointing)
+    except typer.BadParameter as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2)
+    from fedaqt.config import ConfigError, RunConfig
+    from fedaqt.plugins import workload_names
+
+    options: dict[str, Any] = {}
+    for item in option:
+        if "=" not in item:
+            console.print(f"[bold red]error:[/] --option {item!r} must be KEY=VALUE")
+            raise typer.Exit(code=2)
+        k, v = item.split("=", 1)
+        try:
+            options[k] = json.loads(v)
+        except json.JSONDecodeError:
+            options[k] = v
+    base = RunConfig(workload=workload, batch_size=batch_size, model_size=model_size, local_steps=local_steps,
+                     granularity=granularity, data_dir=data_dir, seed=seed, options=options,
+                     out=str(out))
+    try:
+        base.override({"algorithm": "fedavg" if local_steps > 1 else "fedsgd",
+                       "local_steps": local_steps if local_steps > 1 else 1}).validate(known_workloads=workload_names())
+        if workload == "asr":
+            from fedaqt.models.conformer_asr import SIZES
+
+            if model_size not in SIZES:
+                raise ConfigError(f"model_size={model_size!r} is not allowed; choose one of: {', '.join(SIZES)}")
+        from fedaqt.plugins import get_workload_class
+
+        get_workload_class(workload)(base).prepare()  # data present? (fails here, before any process starts)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2)
+    combos = [
+        {"bits": b, "uplink_bits": u, "algorithm": a, "checkpointing": c,
+         "local_steps": local_steps if a == "fedavg" else 1}
+        for b, u, a, c in itertools.product(bits_l, up_l, alg_l, ck_l)
+    ]
+    console.print(f"[bold]fedaqt profile[/] workload={workload} model_size={model_size} batch_size={batch_size}: "
+                  f"{len(combos)} client rounds, each in a fresh process")
+
+    def progress(i: int, n: int, cfg: dict) -> None:
+        console.print(f"  [{i + 1}/{n}] bits={cfg['bits']} uplink={cfg['uplink_bits']} {cfg['algorithm']} "
+                      f"checkpointing={'on' if cfg['checkpointing'] else 'off'}")
+
+    try:
+        rows = profile_rows(combos, base.to_dict(), threads=threads, progress=progress)
+    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] profiling failed: {exc}")
+        raise typer.Exit(code=1)
+    note = add_ratios(rows)
+    csv_path, png_path = write_outputs(rows, Path(out), title=f"{workload} ({model_size}), batch {batch_size}")
+    n_params = rows[0].get("num_parameters", 0)
+    console.print(rich_table(rows, f"client memory per round: {workload} {model_size} ({n_params / 1e6:.1f}M "
+                                   f"parameters), batch {batch_size}"))
+    console.print(note)
+    console.print(f"wrote {csv_path} and {png_path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    typer.run(profile_command)

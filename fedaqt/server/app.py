@@ -4,6 +4,17 @@ The round loop is ours rather than ``Strategy.start``: ``start`` always begins a
 hook, while a run here must write ``rounds.csv``/``clients.csv`` and an atomic checkpoint after every round and
 resume from the last complete one. Each round still calls the strategy's own ``configure_train`` /
 ``aggregate_train`` exactly as ``start`` does, and ``grid.send_and_receive`` in between.
+
+Reproducibility: the server seeds Python's ``random``, numpy's and torch's global generators from
+``config.seed`` before it builds anything; the strategy re-seeds ``random`` for Flower's node sampling every round
+and draws each round's data partitions from ``(seed, round)``; replies are aggregated in partition order, not
+arrival order, so concurrent Ray workers cannot change the float sums.
+
+Checkpoint (``RUN_DIR/checkpoint.pt``, replaced atomically after the round's CSV rows are on disk): round number,
+float parameters, the strategy's float buffers (BatchNorm statistics), the Flower strategy's optimizer state
+(:data:`STRATEGY_STATE_ATTRS`, plus ``checkpoint_state()`` of a strategy that defines it), the RNG states of
+``random``/numpy/torch, and the configuration. ``Server(..., resume=True)`` restores all of it and drops CSV rows
+of later rounds, so a run killed mid-round and resumed computes the same rounds as one never interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,10 +33,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from fedaqt.config import RunConfig
+from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
 from fedaqt.plugins import get_strategy_plugin, get_workload_class
 from fedaqt.quant.convert import quantized_weight_keys
-from fedaqt.report.rundir import RunDir, write_json_atomic
+from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
+from fedaqt.sim.nodeinfo import ActorNodeMap, nodeinfo_of
 from fedaqt.strategies.quantized import BroadcastSpec
 from fedaqt.workloads.base import Workload
 
@@ -60,12 +72,144 @@ def load_into(model: nn.Module, params: dict[str, np.ndarray], buffers: dict[str
     model.load_state_dict(state, strict=False)
 
 
+# ---------------------------------------------------------------------------------------------- RNG + checkpoint
+CHECKPOINT_FORMAT = 1
+
+#: Flower strategy attributes that carry server-optimizer state between rounds (``flwr.serverapp.strategy``):
+#: FedAvgM ``current_arrays`` (ArrayRecord) + ``momentum_vector`` (list of arrays); FedOpt (FedAdam, FedYogi,
+#: FedAdagrad) ``current_arrays``/``m_t``/``v_t`` (dicts of arrays); QuantizedMixin ``buffers`` (float buffers).
+STRATEGY_STATE_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t", "buffers")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global generator and torch's CPU generator from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of ``random``, numpy (global) and torch (CPU) as plain types + one uint8 tensor."""
+    npst = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": npst["bit_generator"],
+            "key": [int(x) for x in npst["state"]["key"]],
+            "pos": int(npst["state"]["pos"]),
+            "has_gauss": int(npst["has_gauss"]),
+            "gauss": float(npst["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+
+
+def _encode_state(obj: Any) -> Any:
+    """Strategy state -> what ``torch.load(weights_only=True)`` reads back (tensors, dicts, lists, scalars)."""
+    if isinstance(obj, ArrayRecord):
+        return {"__arrayrecord__": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in obj.items()}}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.array(obj, copy=True))}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): _encode_state(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode_state(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode_state(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    raise TypeError(f"cannot checkpoint strategy state of type {type(obj).__name__}")
+
+
+def _decode_state(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__arrayrecord__"}:
+            return ArrayRecord({k: Array(t.numpy()) for k, t in obj["__arrayrecord__"].items()})
+        if set(obj) == {"__ndarray__"}:
+            return obj["__ndarray__"].numpy()
+        if set(obj) == {"__tuple__"}:
+            return tuple(_decode_state(v) for v in obj["__tuple__"])
+        return {k: _decode_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_state(v) for v in obj]
+    return obj
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The strategy's cross-round state (see :data:`STRATEGY_STATE_ATTRS`), encoded for ``torch.save``."""
+    out: dict[str, Any] = {"attrs": {}}
+    for name in STRATEGY_STATE_ATTRS:
+        if hasattr(strategy, name):
+            out["attrs"][name] = _encode_state(getattr(strategy, name))
+    if callable(getattr(strategy, "checkpoint_state", None)):
+        out["custom"] = _encode_state(strategy.checkpoint_state())
+    return out
+
+
+def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
+    """Inverse of :func:`strategy_state`."""
+    for name, value in state.get("attrs", {}).items():
+        setattr(strategy, name, _decode_state(value))
+    if "custom" in state:
+        if not callable(getattr(strategy, "restore_checkpoint_state", None)):
+            raise ValueError("the checkpoint holds custom strategy state but the strategy has no restore_checkpoint_state()")
+        strategy.restore_checkpoint_state(_decode_state(state["custom"]))
+
+
+def semantic_config(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """The configuration keys that determine the computation (all but where/how it runs)."""
+    d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    return {k: v for k, v in d.items() if k not in RESUME_OVERRIDABLE and k != "out"}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load ``checkpoint.pt`` (tensors on CPU; only plain types, so ``weights_only`` loading is used).
+
+    Raises:
+        ValueError: not a fedaqt checkpoint of a known format.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a fedaqt checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
 class Server:
     """Drives the rounds of one run. ``grid`` is Flower's Grid (or any object with ``get_node_ids`` and
-    ``send_and_receive``)."""
+    ``send_and_receive``).
 
-    def __init__(self, config: RunConfig, run_dir: str | Path, progress: ProgressFn | None = None) -> None:
+    Args:
+        config: the validated run configuration.
+        run_dir: the run directory (created if missing).
+        progress: called ``progress(round, row)`` after every round.
+        resume: continue from ``run_dir/checkpoint.pt`` (from round 1 when there is none) and drop CSV rows of
+            rounds after it.
+
+    Raises:
+        ValueError: on resume, a checkpoint written with a different configuration or model.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, progress: ProgressFn | None = None, resume: bool = False) -> None:
         self.config = config
+        seed_everything(config.seed)
         self.run = RunDir(run_dir)
         self.progress = progress
         self.workload: Workload = get_workload_class(config.workload)(config)
@@ -80,6 +224,56 @@ class Server:
         self.arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
         self.start_round = 1
         self.history: list[dict[str, Any]] = []
+        self.node_map = ActorNodeMap()
+        if resume:
+            self.restore()
+
+    # ------------------------------------------------------------------ checkpoint
+    def save_checkpoint(self, rnd: int) -> None:
+        """Write ``checkpoint.pt`` for completed round ``rnd`` (write to a temp file, fsync, rename)."""
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "round": int(rnd),
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "params": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in self.arrays.items()},
+            "strategy": strategy_state(self.strategy),
+            "rng": rng_state(),
+        }
+        path = self.run.checkpoint_path
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(ckpt, tmp)
+        replace_atomic(tmp, path)
+
+    def restore(self) -> int:
+        """Load the checkpoint (if any), truncate the CSVs after its round; returns that round (0 = none)."""
+        path = self.run.checkpoint_path
+        if not path.exists():
+            log.warning("no checkpoint in %s: the run restarts at round 1", self.run.root)
+            self.run.clear_results()
+            self.start_round = 1
+            return 0
+        ckpt = read_checkpoint(path)
+        saved = semantic_config(json.loads(ckpt["config"]))
+        now = semantic_config(self.config)
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise ValueError(
+                f"checkpoint {path} was written with a different configuration ({', '.join(diff)}); "
+                "resume with the run's own config.json"
+            )
+        params = {k: t.numpy() for k, t in ckpt["params"].items()}
+        expected = {k: tuple(v) for k, v in self.spec.param_shapes.items()}
+        got = {k: tuple(v.shape) for k, v in params.items()}
+        if got != expected:
+            raise ValueError(f"checkpoint {path} does not match the model (parameter names or shapes differ)")
+        self.arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
+        restore_strategy_state(self.strategy, ckpt["strategy"])
+        set_rng_state(ckpt["rng"])
+        done = int(ckpt["round"])
+        self.run.rounds.truncate_after(done)
+        self.run.clients.truncate_after(done)
+        self.start_round = done + 1
+        return done
 
     def budget_fn(self) -> Any:
         """Memory-budget check of replies (``--device-profile``); None admits every client."""
@@ -104,9 +298,11 @@ class Server:
             t0 = time.perf_counter()
             messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(dict(train_config)), grid))
             replies = list(grid.send_and_receive(messages, timeout=float(cfg.options.get("round_timeout", 3600))))
+            replies = self.in_partition_order(replies)
             new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+            self.record_nodes(replies)
             if new_arrays is not None:
-                self.arrays = new_arrays
+                self.arrays = self.as_model_dtypes(new_arrays)
             else:
                 log.warning("round %d: no client update was aggregated; the global model is unchanged", rnd)
             stats = dict(self.strategy.last_round_stats)
@@ -124,10 +320,51 @@ class Server:
             row["seconds"] = time.perf_counter() - t0
             self.run.rounds.append([row])
             self.run.clients.append([r.as_dict() for r in self.strategy.last_client_rows])
+            self.save_checkpoint(rnd)
             self.history.append(row)
             if self.progress:
                 self.progress(rnd, row)
         return self.finish()
+
+    def as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """``arrays`` cast to the float model's parameter dtypes (Flower's FedAdam/FedYogi/FedAdagrad return
+        float64 arrays for a float32 model; the global model, its broadcast and checkpoint stay float32)."""
+        dtypes = {k: p.detach().numpy().dtype for k, p in self.model.named_parameters()}
+        out = {}
+        for k, a in arrays.items():
+            v = np.asarray(a.numpy())
+            want = dtypes.get(k, v.dtype)
+            out[k] = Array(v if v.dtype == want else v.astype(want))
+        return ArrayRecord(out)
+
+    def in_partition_order(self, replies: list[Any]) -> list[Any]:
+        """Replies sorted by the data partition their node trained (arrival order varies with Ray's scheduling;
+        the weighted sums must not)."""
+        part = getattr(self.strategy, "partition_of", {}) or {}
+
+        def key(msg: Any) -> tuple[int, int]:
+            node = int(msg.metadata.src_node_id)
+            return (part.get(node, 1 << 62), node)
+
+        return sorted(replies, key=key)
+
+    def record_nodes(self, replies: list[Any]) -> None:
+        """Put each client's Ray node id into its clients.csv row (column ``ray_node_id``; "" when unknown)."""
+        by_node: dict[int, str] = {}
+        for msg in replies:
+            node_hex = ""
+            try:
+                if not msg.has_error():
+                    node_hex = nodeinfo_of(msg.content)
+                    if not node_hex:
+                        metrics = msg.content.metric_records.get("metrics")
+                        pid = int(metrics.get("pid", 0)) if metrics is not None else 0
+                        node_hex = self.node_map.node_of(pid)
+            except Exception:  # noqa: BLE001 - informative only
+                node_hex = ""
+            by_node[int(msg.metadata.src_node_id)] = node_hex
+        for row in getattr(self.strategy, "last_client_rows", []):
+            row.extra["ray_node_id"] = by_node.get(int(row.node_id), "")
 
     def finish(self) -> dict[str, Any]:
         import pandas as pd
@@ -165,13 +402,20 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def make_server_app(config: RunConfig, run_dir: str | Path, progress: ProgressFn | None = None, result: dict | None = None) -> ServerApp:
-    """A ServerApp bound to ``config``; the run summary is stored in ``result["summary"]`` when given."""
+def make_server_app(
+    config: RunConfig,
+    run_dir: str | Path,
+    progress: ProgressFn | None = None,
+    result: dict | None = None,
+    resume: bool = False,
+) -> ServerApp:
+    """A ServerApp bound to ``config``; the run summary is stored in ``result["summary"]`` when given.
+    ``resume``: continue from the run directory's checkpoint (see :class:`Server`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server = Server(config, run_dir, progress)
+        server = Server(config, run_dir, progress, resume=resume)
         summary = server.run_rounds(grid)
         if result is not None:
             result["summary"] = summary

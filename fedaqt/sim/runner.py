@@ -1,12 +1,15 @@
 """Simulation wiring: validate, then ``flwr.simulation.run_simulation`` on the Ray backend.
 
 Everything that can be checked is checked before Ray starts (config values, plugin names, the strategy's
-algorithm, the workload's data). Ray gets a temp dir of its own (inside the run directory when the path is short
-enough for Ray's unix sockets) and is shut down after the run, also on error.
+algorithm, the workload's data, a resumed run's checkpoint). A local Ray instance gets a temp dir of its own
+(inside the run directory when the path is short enough for Ray's unix sockets) and is shut down after the run,
+also on error. With ``ray_address`` the run attaches to an existing cluster instead (Flower's backend
+``init_args = {"address": ...}``); ``ray.shutdown()`` then only disconnects this driver.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,6 +20,7 @@ from typing import Any
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.plugins import get_strategy_plugin, get_workload_class, strategy_names, workload_names
 from fedaqt.report.rundir import RunDir
+from fedaqt.sim.nodeinfo import runtime_node_id  # noqa: F401  (re-exported: clients record their Ray node)
 
 log = logging.getLogger("fedaqt.sim")
 
@@ -56,6 +60,7 @@ def ray_temp_dir(run_dir: Path) -> Path:
 
 
 def backend_config(config: RunConfig) -> dict[str, Any]:
+    """Flower's Ray backend config: client resources and ``ray.init`` arguments (attach or start locally)."""
     init_args: dict[str, Any]
     if config.ray_address:
         init_args = {"address": config.ray_address}
@@ -72,31 +77,72 @@ def backend_config(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def run_experiment(config: RunConfig, progress: Any = None) -> dict[str, Any]:
-    """Run one federated experiment end to end; returns the summary written to ``summary.json``.
+def checkpoint_round(config: RunConfig) -> int:
+    """Last complete round in ``config.out``'s checkpoint (0 when there is none).
 
     Raises:
-        ConfigError / FileNotFoundError: from :func:`preflight`, before Ray starts.
+        ConfigError: the checkpoint is unreadable or was written with a different configuration.
+    """
+    from fedaqt.server.app import read_checkpoint, semantic_config
+
+    path = RunDir(config.out).checkpoint_path
+    if not path.exists():
+        return 0
+    try:
+        ckpt = read_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - report which file is bad
+        raise ConfigError(f"cannot resume: {path} is unreadable ({exc})") from exc
+    saved, now = semantic_config(json.loads(ckpt["config"])), semantic_config(config)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise ConfigError(f"cannot resume: {path} was written with different values of {', '.join(diff)}")
+    return int(ckpt["round"])
+
+
+def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False) -> dict[str, Any]:
+    """Run one federated experiment end to end; returns the summary written to ``summary.json``.
+
+    A new run (``resume=False``) removes the results of an earlier run in ``config.out``. With ``resume=True``
+    the run continues after the last checkpointed round of ``config.out`` (a finished run only rewrites its
+    summary, without starting Ray).
+
+    Raises:
+        ConfigError / FileNotFoundError: from :func:`preflight` or the checkpoint check, before Ray starts.
         RuntimeError: the simulation failed (Flower's error, chained).
     """
     preflight(config)
     run = RunDir(config.out)
+    done = 0
+    if resume:
+        done = checkpoint_round(config)
+    else:
+        removed = run.clear_results()
+        if removed:
+            log.warning("%s held an earlier run; removed its %s", run.root, ", ".join(removed))
     config.save(run.config_path)
+
+    from fedaqt.server.app import Server, make_server_app
+
+    if resume and done >= config.rounds:
+        log.warning("%s already completed %d rounds; nothing to resume", run.root, done)
+        return Server(config, run.root, progress, resume=True).finish()
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    tmp = ray_temp_dir(run.root)
-    os.environ["RAY_TMPDIR"] = str(tmp)
+    tmp = None
+    if not config.ray_address:
+        tmp = ray_temp_dir(run.root)
+        os.environ["RAY_TMPDIR"] = str(tmp)
     _quiet_flower()
 
     import ray
     from flwr.simulation import run_simulation
 
     from fedaqt.client.app import app as client_app
-    from fedaqt.server.app import make_server_app
 
     result: dict[str, Any] = {}
-    server_app = make_server_app(config, run.root, progress, result)
+    server_app = make_server_app(config, run.root, progress, result, resume=resume)
     try:
         run_simulation(
             server_app=server_app,
@@ -107,7 +153,7 @@ def run_experiment(config: RunConfig, progress: Any = None) -> dict[str, Any]:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        if tmp.name.startswith("fedaqt-ray-"):
+        if tmp is not None and tmp.name.startswith("fedaqt-ray-"):
             shutil.rmtree(tmp, ignore_errors=True)
     if "summary" not in result:
         raise RuntimeError(f"the simulation ended without completing its rounds; see the log and {run.root}")
