@@ -27,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_asr_bits")
     ap.add_argument("--data-dir", default="data/speech")
+    ap.add_argument("--pretrain-dir", default="runs/bench_pretrain", help="central checkpoints, shared by the benches")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--pretrain-batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=60)
@@ -42,7 +43,7 @@ def main() -> None:
     speakers_total = 32
     half = speakers_total // 2
     print(f"== pretraining centrally on speakers 0..{half - 1} ({args.pretrain_steps} Adam steps, batch {args.pretrain_batch})")
-    ckpt, pre = pretrain_central(out, half, args.pretrain_steps, args.pretrain_batch, 1e-3, args.seed, args.data_dir)
+    ckpt, pre = pretrain_central(Path(args.pretrain_dir), half, args.pretrain_steps, args.pretrain_batch, 1e-3, args.seed, args.data_dir)
     rows = [{"weights": "pretrained (no FL)", "eval_wer": pre["eval_wer"], "eval_cer": pre["eval_cer"],
              "real_wer": pre.get("real_wer"), "real_cer": pre.get("real_cer"), "MiB_down/round": 0.0}]
     for bits in [int(b) for b in args.bits.split(",")]:

@@ -25,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_relay")
     ap.add_argument("--data-dir", default="data/speech")
+    ap.add_argument("--pretrain-dir", default="runs/bench_pretrain", help="central checkpoints, shared by the benches")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--pretrain-batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=60)
@@ -36,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     half = 16
-    ckpt, pre = pretrain_central(out, half, args.pretrain_steps, args.pretrain_batch, 1e-3, args.seed, args.data_dir)
+    ckpt, pre = pretrain_central(Path(args.pretrain_dir), half, args.pretrain_steps, args.pretrain_batch, 1e-3, args.seed, args.data_dir)
     print(f"pretrained model: eval CER {pre['eval_cer']:.3f}, WER {pre['eval_wer']:.3f}")
     curves = {}
     for strategy in ("fedsgd", "relay"):
