@@ -471,13 +471,16 @@ def _fedavg_steps(workload, model, batches, qlayers, params, upload: UploadBuffe
 
     @torch.no_grad()
     def layer_step(layer: QuantLayer, g: torch.Tensor) -> None:
-        w = layer.dequantized_weight()
+        w = layer.dequantized_weight()  # the transient float weight of this layer only
         g = g.to(w.dtype)
         if proximal_mu:
             c0, s0 = codes0[layer.weight_key]
             g = g + proximal_mu * (w - dequantize(c0, s0))
+        w.sub_(g, alpha=lr)  # in place: no float temporaries beyond w
+        del g
         before = layer.codes.clone()
-        layer.requantize_(w - lr * g)
+        layer.requantize_(w)
+        del w
         counts["changed"] += int((layer.codes != before).sum())
 
     @torch.no_grad()
@@ -513,7 +516,10 @@ def _fedavg_steps(workload, model, batches, qlayers, params, upload: UploadBuffe
         del codes0
         for key, p in model.named_parameters():
             if key in params0:
-                upload.add(key, p.detach() - params0[key])
+                d = params0.pop(key)  # the received copy becomes the delta, in place: p - p0
+                d.sub_(p.detach()).neg_()
+                upload.add(key, d)
+                del d
             else:
                 upload.add_zeros(key, tuple(p.shape))
     changed = counts["changed"] / max(1, numel * len(batches))
