@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from fedaqt.client.trainer import client_round, get_client_model, get_workload, load_broadcast
 from fedaqt.config import RunConfig
 from fedaqt.quant.wire import decode_broadcast
+from fedaqt.sim.nodeinfo import NODEINFO_KEY, reply_nodeinfo
 from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, ERROR_KEY, METRICS_KEY, QUANT_META_KEY, UPDATE_KEY
 
 log = logging.getLogger("fedaqt.client")
@@ -69,6 +70,7 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
         )
         metrics = {"partition-id": pid, "num-examples": result.num_examples, "pid": os.getpid(), **result.metrics}
         records = {UPDATE_KEY: result.upload.to_array_record(), METRICS_KEY: MetricRecord(metrics)}
+        records[NODEINFO_KEY] = reply_nodeinfo()  # Ray node id + hostname -> clients.csv ray_node_id
         if result.final_code_keys:
             records[UPDATE_META_KEY] = ConfigRecord({"format": FINAL_CODES_FORMAT, "keys": result.final_code_keys})
         return RecordDict(records)

@@ -32,7 +32,8 @@ def preflight(config: RunConfig) -> RunConfig:
     """Validate everything before any work starts.
 
     Raises:
-        ConfigError: a bad value, an unknown plugin name, or a strategy/algorithm mismatch.
+        ConfigError: a bad value, an unknown plugin name, a strategy/algorithm mismatch, or a bad device profile
+            (``--device-profile``, see :mod:`fedaqt.sim.devices`).
         FileNotFoundError: the workload's data is missing (the message says how to build it).
     """
     config.validate(known_workloads=workload_names(), known_strategies=strategy_names())
@@ -46,6 +47,10 @@ def preflight(config: RunConfig) -> RunConfig:
         raise ConfigError(
             f"strategy {config.strategy!r} needs algorithm={plugin.algorithm!r}, got {config.algorithm!r}"
         )
+    if config.device_profile:
+        from fedaqt.sim.devices import validate_device_profile
+
+        validate_device_profile(config)  # ConfigError naming the file, line and value
     workload = get_workload_class(config.workload)(config)
     workload.prepare()
     return config

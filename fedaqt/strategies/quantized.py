@@ -30,7 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import MessageType
 
 from fedaqt.quant.uplink import decode_update
-from fedaqt.quant.wire import encode_broadcast, record_nbytes
+from fedaqt.quant.wire import QTensor, decode_broadcast, encode_broadcast, record_nbytes
 
 log = logging.getLogger("fedaqt.strategy")
 
@@ -38,6 +38,9 @@ log = logging.getLogger("fedaqt.strategy")
 BROADCAST_KEY, QUANT_META_KEY, CONFIG_KEY = "arrays", "quant", "config"
 #: record keys of a train reply (client -> server)
 UPDATE_KEY, METRICS_KEY, ERROR_KEY, PROFILE_KEY = "arrays", "metrics", "error", "profile"
+#: FedAvg final-codes upload (issue 4): the train-config flag by which the server accepts the final codes + scales
+#: of quantized layers, and the reply ConfigRecord ``{"format": FINAL_CODES_FORMAT, "keys": [...]}`` naming them
+ACCEPT_FINAL_CODES, UPDATE_META_KEY, FINAL_CODES_FORMAT = "accept-final-codes", "update", "final-codes"
 
 
 @dataclass
@@ -112,6 +115,7 @@ class QuantizedMixin:
         self.last_client_rows: list[ClientRow] = []
         self.last_round_stats: dict[str, float] = {}
         self.partition_of: dict[int, int] = {}
+        self.sent_dequantized: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ sampling + broadcast
     def sample_partitions(self, server_round: int) -> list[int]:
@@ -128,6 +132,12 @@ class QuantizedMixin:
         self.current_float = {k: np.asarray(a.numpy()) for k, a in arrays.items()}
         state = {k: torch.from_numpy(np.array(v)) for k, v in {**self.current_float, **self.buffers}.items()}
         q_arrays, q_meta = encode_broadcast(state, self.spec.quantized_keys, self.spec.bits, self.spec.granularity)
+        # FedAvg clients upload the final codes + scales of quantized layers; the delta is formed against Q(W) sent
+        self.sent_dequantized = {}
+        if self.spec.update_kind == "delta" and self.spec.bits < 32 and self.spec.quantized_keys:
+            self.sent_dequantized = {
+                k: v.dequantize() for k, v in decode_broadcast(q_arrays, q_meta).items() if isinstance(v, QTensor)
+            }
         partitions = self.sample_partitions(server_round)
         base_config = messages[0].content[self.configrecord_key]  # type: ignore[attr-defined]
         out = []
@@ -135,6 +145,8 @@ class QuantizedMixin:
         for msg, pid in zip(messages, partitions):
             cfg = ConfigRecord(dict(base_config))
             cfg["partition-id"] = int(pid)
+            if self.sent_dequantized:
+                cfg[ACCEPT_FINAL_CODES] = True
             node = msg.metadata.dst_node_id
             self.partition_of[node] = int(pid)
             content = RecordDict({BROADCAST_KEY: q_arrays, QUANT_META_KEY: q_meta, CONFIG_KEY: cfg})
@@ -170,6 +182,8 @@ class QuantizedMixin:
         row.bytes_up = record_nbytes(update_rec)
         try:
             update = decode_update(update_rec, self.spec.expected_update_shapes())
+            if UPDATE_META_KEY in content.config_records:
+                update = self.form_final_code_deltas(update, content.config_records[UPDATE_META_KEY])
         except ValueError as exc:
             row.status, row.error = "rejected", str(exc)[:500]
             return row, None, 0
@@ -185,6 +199,18 @@ class QuantizedMixin:
                 row.status, row.error = "over_budget", reason
                 return row, None, 0
         return row, update, row.num_examples
+
+    def form_final_code_deltas(self, update: dict[str, torch.Tensor], meta: ConfigRecord) -> dict[str, torch.Tensor]:
+        """FedAvg final-codes upload: ``delta_k = s_T q_T - s_0 q_0`` for the keys the reply names, ``s_0 q_0``
+        being what this round broadcast. Raises ValueError for an unknown format or a key not sent quantized."""
+        if str(meta.get("format", "")) != FINAL_CODES_FORMAT:
+            raise ValueError(f"unknown update format {meta.get('format')!r} (expected {FINAL_CODES_FORMAT!r})")
+        out = dict(update)
+        for k in [str(k) for k in meta.get("keys", [])]:
+            if k not in self.sent_dequantized or k not in out:
+                raise ValueError(f"{k}: final codes for a tensor that was not broadcast quantized this round")
+            out[k] = out[k] - self.sent_dequantized[k].to(out[k].dtype)
+        return out
 
     def correct_mean_update(self, server_round: int, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook applied to the weighted-mean update before the server optimizer step (identity here)."""
