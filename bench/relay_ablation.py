@@ -15,10 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import pretrain_central  # noqa: E402
+from common import markdown, pretrain_central, run_or_reuse  # noqa: E402
 
 from fedaqt.config import RunConfig  # noqa: E402
-from fedaqt.sim.runner import run_experiment  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +48,7 @@ def main() -> None:
             options={"speaker_offset": half, "init_checkpoint": str(ckpt)},
         )
         print(f"== int{args.bits} FedSGD, strategy={strategy}")
-        run_experiment(cfg)
+        run_or_reuse(cfg)
         r = pd.read_csv(out / strategy / "rounds.csv")
         curves[strategy] = r.set_index("round")
     table = pd.DataFrame({
@@ -61,7 +60,7 @@ def main() -> None:
     }).dropna(subset=["eval_cer (relay)"])
     print()
     print(f"int{args.bits} {args.granularity} FedSGD from a pretrained model, seed {args.seed} (pretrained CER {pre['eval_cer']:.3f})")
-    print(table.to_markdown(floatfmt=".4f"))
+    print(markdown(table, ".4f", index=True))
     table.to_csv(out / "table.csv")
 
 

@@ -98,7 +98,7 @@ def main() -> None:
 
     train_size = args.train_size or (3000 if args.quick else 8000)
     test_size = args.test_size or (1000 if args.quick else 5000)
-    epochs = args.epochs or ([2, 0.5, 0.5] if args.quick else [2, 1, 1])
+    epochs = args.epochs or ([2, 0.5, 0.5] if args.quick else [2, 1, 2])
     torch.set_num_threads(args.threads)
     b = args.acc_bits
 
