@@ -170,3 +170,16 @@ def _quiet_flower() -> None:
     from flwr.common.logger import FLOWER_LOGGER
 
     FLOWER_LOGGER.setLevel(logging.WARNING)
+    if not any(isinstance(f, _KnownNoise) for f in FLOWER_LOGGER.filters):
+        FLOWER_LOGGER.addFilter(_KnownNoise())
+
+
+class _KnownNoise(logging.Filter):
+    """Drops Flower warnings that are expected here: fedaqt evaluates on the server (fraction_evaluate=0) and
+    pins flwr 1.42, whose run_simulation is marked deprecated in favour of `flwr run`."""
+
+    NOISE = ("fraction_evaluate is set to 0.0", "run_simulation` function is deprecated", "This is a deprecated feature")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self.NOISE)
