@@ -20,3 +20,14 @@ def _flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Test tensors are small: intra-op threads only add contention (on a loaded 2-core box ~100x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

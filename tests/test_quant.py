@@ -19,13 +19,6 @@ from fedaqt.quant import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: intra-op threads only add contention (a loaded 2-core box makes them ~100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 BITS = [8, 4]
 GRANS = ["tensor", "channel"]

@@ -30,12 +30,6 @@ from fedaqt.quant import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _t(shape, seed, dtype=torch.float32):
