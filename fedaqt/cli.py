@@ -48,7 +48,7 @@ def run(
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help="gradient checkpointing of encoder blocks"),
     num_cpus: Optional[int] = typer.Option(None, help="CPU cores given to Ray"),
     client_num_cpus: Optional[float] = typer.Option(None, help="CPU cores per simulated client"),
-    eval_every: Optional[int] = typer.Option(None, help="evaluate every N rounds (and the first and last)"),
+    eval_every: Optional[int] = typer.Option(None, help="evaluate every N rounds and the first and last (0 = workload default: asr 25, others 1)"),
     data_dir: Optional[str] = typer.Option(None, help="dataset directory (LibriSpeech layout for asr)"),
     model_size: Optional[str] = typer.Option(None, help="model size preset: tiny, small, large"),
     real_eval: Optional[bool] = typer.Option(None, "--real-eval/--no-real-eval", help="also evaluate on real recorded speech (asr)"),

@@ -63,7 +63,7 @@ class RunConfig:
     checkpointing: bool = True
     num_cpus: int = 2
     client_num_cpus: float = 1.0
-    eval_every: int = 25
+    eval_every: int = 0  # 0 = the workload's default (Workload.default_eval_every)
     data_dir: str = "data/speech"
     model_size: str = "tiny"
     real_eval: bool = True
@@ -130,7 +130,9 @@ class RunConfig:
             _choice("workload", self.workload, tuple(known_workloads))
         if known_strategies is not None:
             _choice("strategy", self.strategy, tuple(known_strategies))
-        for key in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size", "num_cpus", "eval_every"):
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0 (0 = the workload's default), got {self.eval_every!r}")
+        for key in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size", "num_cpus"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.real_eval_max <= 0:

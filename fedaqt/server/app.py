@@ -289,7 +289,8 @@ class Server:
         return self.workload.evaluate(self.model, round_num)
 
     def should_evaluate(self, rnd: int) -> bool:
-        return rnd == 1 or rnd == self.config.rounds or rnd % self.config.eval_every == 0
+        every = self.config.eval_every or self.workload.default_eval_every
+        return rnd == 1 or rnd == self.config.rounds or rnd % every == 0
 
     def run_rounds(self, grid: Any) -> dict[str, Any]:
         cfg = self.config

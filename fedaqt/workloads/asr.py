@@ -107,6 +107,7 @@ class ASRWorkload(Workload):
     name = "asr"
     description = "Conformer CTC speech recognition (torchaudio); one speaker per client; WER/CER"
     eval_columns = ("eval_loss", "eval_wer", "eval_cer", "real_wer", "real_cer")
+    default_eval_every = 25  # decoding ~180 utterances costs several rounds of training on 2 cores
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

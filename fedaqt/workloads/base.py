@@ -26,11 +26,14 @@ class Workload(ABC):
         name: registry name (``--workload NAME``).
         description: one line for ``fedaqt plugins list``.
         eval_columns: metric names :meth:`evaluate` returns (written to ``rounds.csv``).
+        default_eval_every: evaluation period in rounds when the user does not set ``--eval-every``.
     """
 
     name: str = ""
     description: str = ""
     eval_columns: Sequence[str] = ()
+    #: evaluate every N rounds when ``--eval-every`` is 0 (its default); the first and last rounds always are
+    default_eval_every: int = 1
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
