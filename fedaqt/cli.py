@@ -107,6 +107,14 @@ def run(
     _print_summary(summary, cfg.out)
 
 
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    if isinstance(v, float):
+        return f"{int(v)}" if v.is_integer() and abs(v) >= 1 else f"{v:.3g}"
+    return str(v)
+
+
 def _parse_value(v: str):
     try:
         return json.loads(v)
@@ -134,13 +142,18 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
         rounds = load_rounds(run_dir)
     except FileNotFoundError as exc:
         _fail(str(exc))
-    cols = ["round", "train_loss"] + metric_columns(rounds) + [c for c in ("relay_norm_ratio", "bytes_down", "bytes_up", "clients_ok", "seconds") if c in rounds]
-    table = Table(title=f"{run_dir}/rounds.csv")
+    metrics = metric_columns(rounds)
+    extra = [c for c in ("relay_norm_ratio", "clients_ok", "seconds") if c in rounds]
+    # evaluated rounds (and the last one) keep the table short; every round stays in rounds.csv
+    shown = rounds[rounds[metrics].notna().any(axis=1) | (rounds["round"] == rounds["round"].max())] if metrics else rounds
+    table = Table(title=f"{run_dir}/rounds.csv ({len(shown)} of {len(rounds)} rounds: the evaluated ones)")
+    cols = ["round", "train_loss"] + metrics + ["MiB_down", "MiB_up"] + extra
     for c in cols:
         table.add_column(c, justify="right")
-    for _, r in rounds.iterrows():
-        table.add_row(*["" if r[c] != r[c] else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])) for c in cols])
-    console.print(table)
+    for _, r in shown.iterrows():
+        vals = {**r.to_dict(), "MiB_down": r.get("bytes_down", float("nan")) / 2**20, "MiB_up": r.get("bytes_up", float("nan")) / 2**20}
+        table.add_row(*[_cell(vals.get(c)) for c in cols])
+    Console(width=max(console.width, 130)).print(table)  # wide enough not to elide numbers in pipes
     fig = plot_metrics(rounds, Path(run_dir) / "figures" / "metrics.png", title=str(run_dir))
     console.print(f"figure: {fig}")
 
