@@ -38,3 +38,20 @@ def test_unknown_config_key_is_named():
         RunConfig.from_mapping({"bitz": 8})
 
 
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start on bad input"))
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "r"), "--ray-address", f"127.0.0.1:{port}"])
+    assert result.exit_code == 2, result.output
+    assert "no Ray head answers" in " ".join(result.output.split())
+    assert time.monotonic() - t0 < 30

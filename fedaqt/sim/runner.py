@@ -51,9 +51,31 @@ def preflight(config: RunConfig) -> RunConfig:
         from fedaqt.sim.devices import validate_device_profile
 
         validate_device_profile(config)  # ConfigError naming the file, line and value
+    if config.ray_address and config.ray_address != "auto":
+        check_ray_address(config.ray_address)
     workload = get_workload_class(config.workload)(config)
     workload.prepare()
     return config
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail fast when nothing listens at ``--ray-address`` (ray.init would otherwise retry for minutes).
+
+    Raises:
+        ConfigError: the host:port does not accept a TCP connection within ``timeout`` seconds.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.replace("ray://", "") or "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"ray_address={address!r}: no Ray head answers there ({exc}). Start one with "
+            "`ray start --head --port 6379` (see README, 'Ray cluster') or leave --ray-address out to run locally"
+        ) from None
 
 
 def ray_temp_dir(run_dir: Path) -> Path:
