@@ -86,6 +86,12 @@ def run(
                 cfg = cfg.override({"options": {**cfg.options, **opts}}, source="--option")
     except ConfigError as exc:
         _fail(str(exc))
+    from fedaqt.sim.runner import preflight
+
+    try:
+        preflight(cfg)  # every check before the header and progress bar: bad input fails cleanly, nothing touched
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     console.print(f"[bold]fedaqt run[/] {'(resume) ' if resume else ''}workload={cfg.workload} strategy={cfg.strategy} bits={cfg.bits} "
                   f"algorithm={cfg.algorithm} clients={cfg.clients_per_round}/{cfg.num_clients} rounds={cfg.rounds} -> {cfg.out}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -55,3 +55,17 @@ def test_unreachable_ray_address_fails_fast(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert "no Ray head answers" in " ".join(result.output.split())
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("args", [["--model-size", "huge"], ["--strategy", "fedprox", "--algorithm", "fedavg", "-o", "proximal_mu=abc"]])
+def test_bad_values_leave_an_earlier_run_untouched(tmp_path, args, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start on bad input"))
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "rounds.csv").write_text("round\n1\n")
+    result = runner.invoke(app, ["run", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert (out / "rounds.csv").read_text() == "round\n1\n"
+    assert not (out / "config.json").exists()

@@ -53,8 +53,16 @@ def preflight(config: RunConfig) -> RunConfig:
         validate_device_profile(config)  # ConfigError naming the file, line and value
     if config.ray_address and config.ray_address != "auto":
         check_ray_address(config.ray_address)
-    workload = get_workload_class(config.workload)(config)
-    workload.prepare()
+    try:
+        workload = get_workload_class(config.workload)(config)
+        workload.prepare()
+        # build what the server builds, so bad model sizes / option values fail before any file is touched
+        workload.build_model()
+        plugin.factory(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"invalid configuration for workload {config.workload!r} / strategy {config.strategy!r}: {exc}") from exc
     return config
 
 
@@ -170,6 +178,7 @@ def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False
 
     result: dict[str, Any] = {}
     server_app = make_server_app(config, run.root, progress, result, resume=resume)
+    interrupted = False
     try:
         run_simulation(
             server_app=server_app,
@@ -177,14 +186,39 @@ def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False
             num_supernodes=config.num_clients,
             backend_config=backend_config(config),
         )
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         if ray.is_initialized():
             ray.shutdown()
         if tmp is not None and tmp.name.startswith("fedaqt-ray-"):
             shutil.rmtree(tmp, ignore_errors=True)
     if "summary" not in result:
-        raise RuntimeError(f"the simulation ended without completing its rounds; see the log and {run.root}")
+        _stop_unfinished(run.root, interrupted)
     return result["summary"]
+
+
+def _stop_unfinished(run_dir: Path, interrupted: bool) -> None:
+    """The simulation ended before its last round (Ctrl-C or a failure).
+
+    Flower's ServerApp thread may still wait in ``send_and_receive`` for replies that will never come (up to the
+    round timeout); it is not a daemon thread, so the interpreter would hang at exit. Say how to resume and end
+    the process without waiting for it.
+    """
+    import sys
+    import threading
+
+    why = "was interrupted" if interrupted else "stopped before completing its rounds (see the log above)"
+    msg = (f"the run {why}; every completed round is checkpointed in {run_dir}: "
+           f"continue with `fedaqt run --resume {run_dir}`")
+    waiting = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if waiting:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(130 if interrupted else 1)
+    if interrupted:
+        raise KeyboardInterrupt(msg)
+    raise RuntimeError(msg)
 
 
 def _quiet_flower() -> None:
