@@ -248,9 +248,17 @@ class WrapNetWorkload(Workload):
         return model
 
     def quantize_filter(self, name: str, module: nn.Module) -> bool:
-        """False: WrapNet layers quantize their own weights (binary/ternary); the platform's generic path still
-        broadcasts their float weights at ``--bits``."""
+        """False: WrapNet layers quantize their own weights (binary/ternary) inside forward, so clients keep them
+        as float parameters; :meth:`broadcast_quantized_keys` still sends them as codes + scales at ``--bits``."""
         return False
+
+    def broadcast_quantized_keys(self, model: nn.Module) -> list[str]:
+        """Weights of the WrapNet layers: broadcast as int8/int4 codes + float32 scales and dequantized into the
+        client's float parameter (the platform's generic fake-quant broadcast path)."""
+        from fedaqt.models.wrapnet import wrap_layers
+
+        params = dict(model.named_parameters())
+        return [f"{n}.weight" for n, _ in wrap_layers(model) if f"{n}.weight" in params and params[f"{n}.weight"].dim() > 1]
 
     def evaluate(self, model: nn.Module, round_num: int) -> dict[str, float]:
         """Accuracy with a 32-bit and a b-bit accumulator and the overflow rates, on the fixed test subset.
