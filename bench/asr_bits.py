@@ -17,25 +17,17 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown, pretrain_central, run_or_reuse  # noqa: E402
+from common import add_common_args, markdown, pretrain_central, run_or_reuse  # noqa: E402
 
 from fedaqt.config import RunConfig  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/bench_asr_bits")
-    ap.add_argument("--data-dir", default="data/speech")
-    ap.add_argument("--pretrain-dir", default="runs/bench_pretrain", help="central checkpoints, shared by the benches")
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--pretrain-batch", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--clients-per-round", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=2, help="client batch size (the dissertation used 2)")
-    ap.add_argument("--server-lr", type=float, default=0.02)
     ap.add_argument("--bits", default="32,8,4")
-    ap.add_argument("--granularity", default="tensor")
-    ap.add_argument("--seed", type=int, default=0)
+    add_common_args(ap, "runs/bench_asr_bits")
     args = ap.parse_args()
 
     out = Path(args.out)

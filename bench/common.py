@@ -12,6 +12,19 @@ from fedaqt.config import RunConfig
 from fedaqt.workloads.asr import ASRWorkload
 
 
+def add_common_args(ap, out_default: str) -> None:
+    """Arguments shared by the ASR benchmarks (pretraining + fine-tuning setup)."""
+    ap.add_argument("--out", default=out_default)
+    ap.add_argument("--data-dir", default="data/speech")
+    ap.add_argument("--pretrain-dir", default="runs/bench_pretrain", help="central checkpoints, shared by the benches")
+    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--pretrain-batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--granularity", default="tensor")
+    ap.add_argument("--server-lr", type=float, default=0.02)
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def pretrain_central(out: Path, speakers: int, steps: int, batch_size: int, lr: float, seed: int,
                      data_dir: str = "data/speech", model_size: str = "tiny") -> tuple[Path, dict]:
     """Adam on the float model over the first ``speakers`` training speakers; saves ``out/pretrained.pt``.
