@@ -31,3 +31,12 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def toy_registered(monkeypatch):
+    """Register the in-process test workloads (tests/toy.py, tests/test_budget.py) by name."""
+    import fedaqt.plugins as plugins
+
+    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "toy", "toy:ToyWorkload")
+    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "wide", "test_budget:WideWorkload")

@@ -23,11 +23,7 @@ from toy import ToyWorkload
 ROOT_DATA = __import__("conftest").DEFAULT_SPEECH
 
 
-@pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "toy", "toy:ToyWorkload")
-    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "wide", "test_budget:WideWorkload")
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("toy_registered")
 
 
 def nbytes(t):

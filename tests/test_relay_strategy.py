@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fedaqt.plugins as plugins
 from fedaqt.config import RunConfig
 from fedaqt.quant.quantize import fake_quant, fake_quant_activation
 from fedaqt.server.app import Server
@@ -18,10 +17,7 @@ from fakegrid import FakeGrid
 from toy import BATCH_SIZES, ToyWorkload
 
 
-@pytest.fixture(autouse=True)
-def toy_registered(monkeypatch):
-    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "toy", "toy:ToyWorkload")
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("toy_registered")
 
 
 def one_round(tmp_path, strategy, bits, granularity, tamper=None):

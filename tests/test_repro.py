@@ -27,7 +27,6 @@ import pandas as pd
 import pytest
 import torch
 
-import fedaqt.plugins as plugins
 from fedaqt.config import RunConfig
 from fedaqt.server.app import Server
 
@@ -122,12 +121,6 @@ def baseline_asr_run() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- fast tests
-@pytest.fixture
-def toy_registered(monkeypatch):
-    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "toy", "toy:ToyWorkload")
-    torch.set_num_threads(1)
-
-
 class ShuffledGrid:
     """FakeGrid whose replies arrive in a random order (as with concurrent Ray workers)."""
 

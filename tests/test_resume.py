@@ -22,7 +22,6 @@ import pandas as pd
 import pytest
 import torch
 
-import fedaqt.plugins as plugins
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.server.app import STRATEGY_STATE_ATTRS, Server, read_checkpoint
 from fakegrid import FakeGrid
@@ -41,10 +40,7 @@ from test_repro import (
 )
 
 
-@pytest.fixture(autouse=True)
-def toy_registered(monkeypatch):
-    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "toy", "toy:ToyWorkload")
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("toy_registered")
 
 
 class Crash(RuntimeError):

@@ -15,7 +15,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-import fedaqt.plugins as plugins
 import fedaqt.strategies.quantized as quantized
 from fedaqt.client.app import ACCEPT_FINAL_CODES, FINAL_CODES_FORMAT, UPDATE_META_KEY, handle_train
 from fedaqt.client.trainer import (
@@ -35,11 +34,7 @@ from fakegrid import FakeGrid
 from toy import ToyWorkload
 
 
-@pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "toy", "toy:ToyWorkload")
-    monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "wide", "test_budget:WideWorkload")
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("toy_registered")
 
 
 def toy_config(**kw):

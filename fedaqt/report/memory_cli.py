@@ -37,19 +37,20 @@ def _categories() -> list[str]:
     return [f"mem_{c}_mib" for c in CATEGORIES]
 
 
-def parse_int_list(value: str, name: str, allowed: Sequence[int]) -> list[int]:
-    """``"32,8,4"`` -> ``[32, 8, 4]``. Raises typer.BadParameter naming ``name`` and the allowed values."""
-    out = []
+def _parse_list(value: str, name: str, allowed: Sequence, convert, kind: str = "") -> list:
+    """Comma-separated ``value`` -> distinct converted items in order; typer.BadParameter names ``name``."""
+    out: list = []
     for part in str(value).split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            v = int(part)
+            v = convert(part)
         except ValueError:
-            raise typer.BadParameter(f"{name}: {part!r} is not an integer; allowed: {', '.join(map(str, allowed))}")
+            raise typer.BadParameter(f"{name}: {part!r} is not {kind}; allowed: {', '.join(map(str, allowed))}")
         if v not in allowed:
-            raise typer.BadParameter(f"{name}: {v} is not allowed; choose from {', '.join(map(str, allowed))}")
+            shown = repr(v) if isinstance(v, str) else v
+            raise typer.BadParameter(f"{name}: {shown} is not allowed; choose from {', '.join(map(str, allowed))}")
         if v not in out:
             out.append(v)
     if not out:
@@ -57,19 +58,14 @@ def parse_int_list(value: str, name: str, allowed: Sequence[int]) -> list[int]:
     return out
 
 
+def parse_int_list(value: str, name: str, allowed: Sequence[int]) -> list[int]:
+    """``"32,8,4"`` -> ``[32, 8, 4]``. Raises typer.BadParameter naming ``name`` and the allowed values."""
+    return _parse_list(value, name, allowed, int, "an integer")
+
+
 def parse_str_list(value: str, name: str, allowed: Sequence[str]) -> list[str]:
-    out = []
-    for part in str(value).split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        if part not in allowed:
-            raise typer.BadParameter(f"{name}: {part!r} is not allowed; choose from {', '.join(allowed)}")
-        if part not in out:
-            out.append(part)
-    if not out:
-        raise typer.BadParameter(f"{name}: give at least one value")
-    return out
+    """``"fedsgd,FedAvg"`` -> ``["fedsgd", "fedavg"]`` (case-insensitive). Raises typer.BadParameter."""
+    return _parse_list(value, name, allowed, str.lower)
 
 
 def parse_onoff_list(value: str) -> list[bool]:
@@ -119,8 +115,7 @@ def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
     qkeys: list[str] = []
     if wire_bits < 32:
         qkeys = list(quantized_weight_keys(float_model, workload.quantize_filter))
-        if hasattr(workload, "broadcast_quantized_keys"):
-            qkeys += list(workload.broadcast_quantized_keys(float_model))
+        qkeys += list(workload.broadcast_quantized_keys(float_model))
     state = {k: p.detach() for k, p in float_model.named_parameters()}
     state.update({k: b.detach() for k, b in float_model.named_buffers() if b.is_floating_point()})
     arrays, meta = encode_broadcast(state, qkeys, wire_bits, cfg.granularity)

@@ -56,7 +56,7 @@ def float_state_split(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str
 def make_spec(config: RunConfig, workload: Workload, model: nn.Module) -> BroadcastSpec:
     params, buffers = float_state_split(model)
     qkeys = quantized_weight_keys(model, workload.quantize_filter) if config.bits < 32 else []
-    extra = workload.broadcast_quantized_keys(model) if config.bits < 32 and hasattr(workload, "broadcast_quantized_keys") else []
+    extra = workload.broadcast_quantized_keys(model) if config.bits < 32 else []
     return BroadcastSpec(
         bits=config.bits,
         granularity=config.granularity,

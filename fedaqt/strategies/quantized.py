@@ -232,8 +232,8 @@ class QuantizedMixin:
             return None, None
         total = sum(n for _, n in accepted)
         mean: dict[str, torch.Tensor] = {}
-        for key in self.spec.expected_update_shapes():
-            acc = torch.zeros(self.spec.expected_update_shapes()[key], dtype=torch.float64)
+        for key, shape in self.spec.expected_update_shapes().items():
+            acc = torch.zeros(shape, dtype=torch.float64)
             for update, n in accepted:
                 acc += update[key].to(torch.float64) * (n / total)
             mean[key] = acc

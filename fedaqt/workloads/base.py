@@ -50,6 +50,11 @@ class Workload(ABC):
         """True if the module at qualified ``name`` becomes a native quantized layer on clients (spec §2.1)."""
         return False
 
+    def broadcast_quantized_keys(self, model: nn.Module) -> list[str]:
+        """Float-state keys sent as codes + scales although clients keep them as float parameters (dequantized on
+        arrival): weights of layers that quantize themselves, e.g. WrapNet's. Default: none."""
+        return []
+
     @abstractmethod
     def evaluate(self, model: nn.Module, round_num: int) -> dict[str, float]:
         """Server-side evaluation of the float global model; keys are a subset of :attr:`eval_columns`."""
