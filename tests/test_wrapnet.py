@@ -471,7 +471,238 @@ def test_wrapnet_workload_round_trip():
     assert n == 8 and torch.isfinite(loss) and m1.conv2.weight.grad is not None
     metrics = wl.evaluate(m1, 0)
     assert set(metrics) <= set(wl.eval_columns) and set(wl.eval_columns[:3]) <= set(metrics)
-    assert metrics["eval_accuracy"] == metrics["eval_accuracy_acc8"]  # cyclic: periodicity
+    # cyclic: periodicity, c(wrap_b(z)) = c(z): the b-bit cyclic column equals the cyclic network with a 32-bit
+    # accumulator (eval_accuracy itself is now the no-wrap, no-fold network; see the heavy-overflow test below)
+    folded32 = evaluate(m1, wl._eval_batches(), act_quant=True, cyclic=True, acc_bits=32)["accuracy"]
+    assert folded32 == metrics["eval_accuracy_acc8"]
+    assert "eval_accuracy_acc8_nocyclic" in metrics
     assert wl.quantize_filter("conv2", m1.conv2) is False
     with pytest.raises(ValueError, match="options.k"):
         WrapNetWorkload(RunConfig(options={"k": 0}))
+
+
+# ----------------------------------------------------------------------------------------------- issue 9 item 4
+# Workload-level checks on synthetic images (no dataset needed): the three accumulator columns are three genuinely
+# different forward paths, and the client trains exactly the binary/ternary network the server evaluates.
+def _synthetic_wrapnet(cfg, n: int = 192, n_eval: int = 96):
+    """A WrapNetWorkload whose train/eval data are injected synthetic uint8 images (deterministic)."""
+    from fedaqt.workloads.wrapnet import WrapNetWorkload
+
+    wl = WrapNetWorkload(cfg)
+    g = torch.Generator().manual_seed(11)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.rand(n, 1, 28, 28, generator=g) * 0.4
+    for c in range(10):  # class-dependent bright rows
+        x[y == c, :, 2 * c + 3 : 2 * c + 6, 4:24] += 0.6
+    wl._train = ((x.clamp(0, 1) * 255).round().to(torch.uint8), y)
+    wl._partitions = [np.arange(i, n, cfg.num_clients) for i in range(cfg.num_clients)]
+    xe = wl._train[0][:n_eval].to(torch.float32) / 255.0
+    wl._eval = [(xe, y[:n_eval])]
+    return wl
+
+
+def _reference_logits(model, x: torch.Tensor, mode: str, b: int, k: float) -> torch.Tensor:
+    """Independent plain forward of the (binary-weight, float-master) WrapVGG7 in eval mode, written from spec
+    §3.1-3.2 without the library's layer code: sign(w) (0 -> +1), s_w = mean|w| per output channel,
+    x_q = clamp(round(x / s_x), 0, 2^a - 1), exact integer z in float64, then
+    mode "none": z as is (32-bit accumulator, no wrap, no fold); "wrap": numpy int64 two's-complement wrap to
+    b bits; "cyclic": that wrap followed by the piecewise f of §3.2. Output (value) * s_w * s_x."""
+    half = 2 ** (b - 1)
+    t = k / (k + 1) * half
+
+    def wrap_layer(layer, h, op):
+        w = layer.weight.detach()
+        wb = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+        s_w = w.abs().mean(dim=tuple(range(1, w.dim())))
+        s_x, a = float(layer.s_x), int(layer.act_bits)
+        xq = torch.round(h / s_x).clamp(0, 2 ** a - 1)
+        z = op(xq.double(), wb.double()).round()
+        if mode != "none":
+            zi = z.numpy().astype(np.int64)
+            z = torch.from_numpy(((zi + half) % (2 * half) - half).astype(np.float64))
+            if mode == "cyclic":
+                z = torch.where(z > t, k * half - k * z, torch.where(z < -t, -k * half - k * z, z))
+        return z.to(h.dtype) * (s_w * s_x).reshape(1, -1, *([1] * (h.dim() - 2)))
+
+    conv = lambda layer: (lambda u, v: F.conv2d(u, v, None, layer.stride, layer.padding))  # noqa: E731
+    m = model
+    with torch.no_grad():
+        h = F.relu(m.bn1(m.conv1(x)))
+        h = F.max_pool2d(F.relu(m.bn2(wrap_layer(m.conv2, h, conv(m.conv2)))), 2)
+        h = F.relu(m.bn3(wrap_layer(m.conv3, h, conv(m.conv3))))
+        h = F.max_pool2d(F.relu(m.bn4(wrap_layer(m.conv4, h, conv(m.conv4)))), 2)
+        h = F.relu(m.bn5(wrap_layer(m.conv5, h, conv(m.conv5))))
+        h = F.max_pool2d(F.relu(m.bn6(wrap_layer(m.conv6, h, conv(m.conv6)))), 2)
+        h = F.relu(m.bn7(wrap_layer(m.fc1, h.flatten(1), F.linear)))
+        return m.fc2(h)
+
+
+def test_wrapnet_eval_columns_are_distinct_paths_under_heavy_overflow():
+    """Forced heavy overflow (p = 1: 8-bit activations everywhere, 8-bit accumulator). Each accuracy column is
+    checked against its own independent reference forward: labels are set to that reference's predictions, so
+    the column must be exactly 1.0 and the two other columns (different paths) must not."""
+    from fedaqt.config import RunConfig
+
+    cfg = RunConfig(workload="wrapnet", bits=32, num_clients=2, clients_per_round=1, seed=5,
+                    options={"width": 0.0625, "p": 1.0, "act_bits": 8, "calib_size": 64})
+    wl = _synthetic_wrapnet(cfg)
+    model = wl.build_model()
+    with torch.no_grad():  # BatchNorm running statistics from data, so that predictions vary across images
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = None
+        model.train()
+        model(wl._train[0][:128].to(torch.float32) / 255.0)
+    model.eval()
+    assert wl.eval_columns[:4] == ("eval_accuracy", "eval_accuracy_acc8", "overflow_rate",
+                                   "eval_accuracy_acc8_nocyclic")
+    x = wl._eval[0][0]
+    preds = {mode: _reference_logits(model, x, mode, 8, 2.0).argmax(1) for mode in ("none", "wrap", "cyclic")}
+    column = {"none": "eval_accuracy", "cyclic": "eval_accuracy_acc8", "wrap": "eval_accuracy_acc8_nocyclic"}
+    # the three networks really disagree on this data (otherwise the check below could not tell them apart)
+    assert (preds["none"] != preds["wrap"]).any() and (preds["none"] != preds["cyclic"]).any()
+    assert (preds["wrap"] != preds["cyclic"]).any()
+    for mode, labels in preds.items():
+        wl._eval = [(x, labels)]
+        metrics = wl.evaluate(model, 1)
+        assert metrics[column[mode]] == 1.0, (mode, metrics)
+        for other, col in column.items():
+            if other != mode:
+                assert metrics[col] < 1.0, (mode, col, metrics)
+                assert metrics[col] == pytest.approx(float((preds[other] == labels).float().mean()))
+    assert metrics["overflow_rate"] > 0.3  # heavy overflow really was forced
+    assert set(metrics) == set(wl.eval_columns)
+
+
+class _WeightRecorder:
+    """Stands in for ``torch.nn.functional`` inside fedaqt.models.wrapnet and records the weight operand of every
+    WrapNet conv2d/linear call (the first and last layers are plain torch modules and are not recorded)."""
+
+    def __init__(self, real) -> None:
+        self.real, self.weights = real, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def conv2d(self, x, w, *args, **kw):
+        self.weights.append(w.detach().clone())
+        return self.real.conv2d(x, w, *args, **kw)
+
+    def linear(self, x, w, *args, **kw):
+        self.weights.append(w.detach().clone())
+        return self.real.linear(x, w, *args, **kw)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("weight_quant", ["binary", "ternary"])
+def test_wrapnet_client_trains_exactly_the_weights_the_server_evaluates(monkeypatch, bits, weight_quant):
+    """Broadcast at int8/int4 through the real encoder/decoder/loader: the binary/ternary weights the client uses
+    in its training forward (client_round) and in evaluation, and every WrapNet layer's output, are bit for bit
+    those of the server's evaluation, including weights that quantize to code 0 (w == 0 and tiny negatives)."""
+    import fedaqt.models.wrapnet as wn
+    from fedaqt.client.trainer import build_client_model, client_round, load_broadcast
+    from fedaqt.config import RunConfig
+    from fedaqt.quant.wire import decode_broadcast, encode_broadcast
+    from fedaqt.server.app import float_state_split, make_spec
+
+    cfg = RunConfig(workload="wrapnet", bits=bits, algorithm="fedsgd", num_clients=2, clients_per_round=1,
+                    batch_size=16, seed=2, options={"width": 0.0625, "weight_quant": weight_quant, "calib_size": 64})
+    server_wl = _synthetic_wrapnet(cfg)
+    model = server_wl.build_model()
+    planted = {}
+    with torch.no_grad():
+        for name, layer in wrap_layers(model):
+            flat = layer.weight.view(-1)
+            flat[:4] = 0.0
+            flat[4:12] = -1e-6 * torch.arange(1, 9, dtype=flat.dtype)  # negative, but |w| << s/2: code 0
+            planted[name] = torch.arange(12)
+    spec = make_spec(cfg, server_wl, model)
+    assert spec.quantized_keys == {f"{n}.weight" for n, _ in wrap_layers(model)}
+    params, buffers = float_state_split(model)
+    state = {k: torch.from_numpy(v) for k, v in {**params, **buffers}.items()}
+    decoded = decode_broadcast(*encode_broadcast(state, spec.quantized_keys, bits, cfg.granularity))
+    for name, idx in planted.items():
+        assert (decoded[f"{name}.weight"].codes.reshape(-1)[idx] == 0).all()
+
+    client_wl = _synthetic_wrapnet(cfg)
+    client = build_client_model(client_wl, cfg)  # builds (and calibrates) before any weight is recorded
+    load_broadcast(client, decoded)
+    rec = _WeightRecorder(wn.F)
+    monkeypatch.setattr(wn, "F", rec)
+    server_wl._eval = [(server_wl._eval[0][0][:32], server_wl._eval[0][1][:32])]
+    outputs: list[torch.Tensor] = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, inp, out: outputs.append(out.detach().clone()) if isinstance(mod, (WrapConv2d, WrapLinear)) else None)
+    try:
+        server_wl.evaluate(model, 1)
+        server_w, rec.weights = rec.weights, []
+        server_out, outputs[:] = list(outputs), []
+        evaluate(client, server_wl._eval, act_quant=True, cyclic=True, acc_bits=8)  # before training moves BN
+        eval_w, rec.weights = rec.weights, []
+        client_out, outputs[:] = list(outputs), []
+        client_round(client_wl, client, cfg, 0, 1)  # FedSGD: one training forward + backward
+        train_w = rec.weights
+    finally:
+        hook.remove()
+    n_layers = len(wrap_layers(model))
+    assert len(server_w) == 3 * n_layers and len(train_w) == n_layers and len(eval_w) == n_layers
+    allowed = {-1.0, 1.0} if weight_quant == "binary" else {-1.0, 0.0, 1.0}
+    for i, (name, _) in enumerate(wrap_layers(model)):
+        ref = server_w[i]
+        assert set(ref.unique().tolist()) <= allowed
+        for p in range(3):  # the server's three accumulator passes use one set of weights
+            assert torch.equal(server_w[p * n_layers + i], ref), name
+        assert torch.equal(train_w[i], ref), f"{name}: client trains other weights than the server evaluates"
+        assert torch.equal(eval_w[i], ref), name
+        got = ref.reshape(-1)[planted[name]]
+        assert torch.equal(got, torch.full_like(got, 1.0 if weight_quant == "binary" else 0.0)), name
+    # per-layer outputs of the b-bit cyclic pass (2nd server pass): same w_q, s_w, s_x and inputs => equal
+    assert len(server_out) == 3 * n_layers and len(client_out) == n_layers
+    for i in range(n_layers):
+        assert torch.equal(client_out[i], server_out[n_layers + i])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_wrapnet_client_model_holds_codes_and_scales_only(bits):
+    """The client model keeps no float copy of the WrapNet weights: no such parameter, only int8 codes + float32
+    scale buffers (like QuantLinear/QuantConv1d), and autograd saves no float tensor shaped like those weights
+    during a training step (the integer operands are kept as int8/uint8)."""
+    from fedaqt.client.trainer import build_client_model
+    from fedaqt.config import RunConfig
+    from fedaqt.quant.convert import quant_layers
+    from fedaqt.quant.layers import QuantLayer
+
+    for gran in ("tensor", "channel"):
+        cfg = RunConfig(workload="wrapnet", bits=bits, granularity=gran, num_clients=2, clients_per_round=1,
+                        batch_size=8, options={"width": 0.0625, "calib_size": 32})
+        wl = _synthetic_wrapnet(cfg, n=64, n_eval=8)
+        server = wl.build_model()
+        shapes = {n: tuple(layer.weight.shape) for n, layer in wrap_layers(server)}
+        client = build_client_model(wl, cfg)
+        params = dict(client.named_parameters())
+        assert not any(f"{n}.weight" in params for n in shapes)
+        assert set(quant_layers(client)) == {f"{n}.weight" for n in shapes}
+        for n, layer in wrap_layers(client):
+            tensors = {k: v for k, v in layer.state_dict(keep_vars=True).items()}
+            tensors.update({k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)})
+            for k, v in tensors.items():
+                if v.numel() == math.prod(shapes[n]):
+                    assert k == "qweight.codes" and v.dtype == torch.int8 and tuple(v.shape) == shapes[n], (n, k)
+            scale = layer.qweight.scale
+            assert isinstance(layer.qweight, QuantLayer) and scale.dtype == torch.float32
+            assert tuple(scale.shape) == (() if gran == "tensor" else (shapes[n][0],))
+            assert int(layer.qweight.codes.abs().max()) <= 2 ** (bits - 1) - 1
+        saved: list[torch.Tensor] = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        x, y = wl.client_batches(0, 1, 1, 8)[0]
+        client.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = wl.loss(client, (x, y))
+        loss.backward()
+        float_weight_like = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in shapes.values()]
+        assert float_weight_like == [], float_weight_like
+        assert all(layer.qweight.weight_grad is not None for _, layer in wrap_layers(client))

@@ -79,7 +79,8 @@ def _half_io(model: nn.Module) -> None:
 
 
 def build_client_model(workload: Workload, config: RunConfig) -> nn.Module:
-    """Float model skeleton converted to native quantized layers (``bits`` 8/4) for the workload's filter;
+    """Float model skeleton converted to native quantized layers (``bits`` 8/4) by
+    :meth:`Workload.convert_client_model` (default: the workload's ``quantize_filter``);
     ``bits == 32`` keeps the float model, ``bits == 16`` casts it to float16 (profile only).
 
     Raises:
@@ -92,7 +93,7 @@ def build_client_model(workload: Workload, config: RunConfig) -> nn.Module:
         model = model.half()
         _half_io(model)
     elif config.bits < 16:
-        model = convert_to_quantized(model, config.bits, config.granularity, workload.quantize_filter)
+        model = workload.convert_client_model(model, config.bits, config.granularity)
     return model
 
 

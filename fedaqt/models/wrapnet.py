@@ -39,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedaqt.quant.layers import QuantLayer, _grad_anchor
+from fedaqt.quant.quantize import check_granularity, dequantize, qmax
+
 __all__ = [
     "wrap_b", "wrap_int", "cyclic", "cyclic_threshold", "CyclicActivation",
     "ste_round", "binarize_weight", "ternarize_weight", "uniform_quantize_weight", "quantize_weight",
@@ -47,7 +50,7 @@ __all__ = [
     "carry_count", "carry_count_closed_form", "carry_count_tensor", "carry_count_surrogate",
     "sequential_end_around_carries", "carry_variance", "CarryVariance",
     "pack_lanes", "unpack_lanes", "packed_add", "packed_add_buffered", "packed_accumulate",
-    "WrapConv2d", "WrapLinear", "WrapVGG7", "WrapResNet20", "build_wrapnet",
+    "WrapConv2d", "WrapLinear", "WrapWeightCodes", "quantize_wrap_layers", "WrapVGG7", "WrapResNet20", "build_wrapnet",
     "wrap_layers", "set_wrapnet_mode", "wrapnet_mode", "model_overflow_penalty", "model_carry_regularizer",
     "reset_overflow_stats", "overflow_rates", "StepChoice", "select_layer_step_size", "select_step_sizes",
     "calibrate_fixed_bits", "evaluate", "train_epochs", "train_pipeline", "measure_carries",
@@ -547,6 +550,133 @@ def packed_accumulate(vectors: Iterable[Sequence[int]], lane_bits: int = 8, buff
 
 
 # ============================================================================ §3.1-3.3 WrapNet layers
+def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and a.dtype == b.dtype and a.shape == b.shape and a.data_ptr() == b.data_ptr()
+
+
+@contextlib.contextmanager
+def _integer_saved_tensors(w_op: torch.Tensor, x_op: torch.Tensor | None) -> Iterator[None]:
+    """While active, autograd stores the integer-valued weight operand ``w_op`` as int8 and the activation codes
+    ``x_op`` (``[0, 2^a - 1]``) as uint8 (int16 above 8 bits) instead of float copies, and restores the float
+    values exactly when backward needs them (spec §2.2: only integer tensors are kept for backward)."""
+
+    def pack(t: torch.Tensor) -> Any:
+        if _same_tensor(t, w_op):
+            return ("int", t.to(torch.int8), t.dtype)
+        if _same_tensor(t, x_op):
+            small = bool(t.numel() == 0 or float(t.max()) <= 255)
+            return ("int", t.to(torch.uint8 if small else torch.int16), t.dtype)
+        return ("keep", t, None)
+
+    def unpack(packed: Any) -> torch.Tensor:
+        kind, t, dtype = packed
+        return t.to(dtype) if kind == "int" else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _CodesWrapWeightFn(torch.autograd.Function):
+    """``(codes, scale) -> (w_q, s_w)``: the spec §3.1 weight quantizer applied to ``ŵ = s*q``.
+
+    Saves only the codes and the scale; backward rebuilds ``ŵ`` transiently, back-propagates through the same
+    quantizer (STE, :func:`quantize_weight`) and delivers ``dL/dŵ`` to the holder (hook or ``weight_grad``)."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, anchor, holder, mode):  # type: ignore[override]
+        w_hat = dequantize(codes, scale)
+        w_q, s_w = quantize_weight(w_hat, mode)
+        ctx.save_for_backward(codes, scale)
+        ctx.holder, ctx.mode = holder, mode
+        return w_q.detach(), s_w.detach()
+
+    @staticmethod
+    def backward(ctx, grad_wq, grad_sw):  # type: ignore[override]
+        codes, scale = ctx.saved_tensors
+        holder = ctx.holder
+        if holder.weight_requires_grad:
+            with torch.enable_grad():
+                w_hat = dequantize(codes, scale).requires_grad_(True)
+                w_q, s_w = quantize_weight(w_hat, ctx.mode)
+                outs = [(o, g) for o, g in ((w_q, grad_wq), (s_w, grad_sw)) if g is not None and o.requires_grad]
+                if outs:
+                    (grad_w,) = torch.autograd.grad([o for o, _ in outs], [w_hat], [g for _, g in outs],
+                                                    allow_unused=True)
+                else:
+                    grad_w = None
+            del w_hat, w_q, s_w
+            holder._deliver_weight_grad(torch.zeros(holder.weight_shape, dtype=scale.dtype) if grad_w is None
+                                        else grad_w.detach())
+        return None, None, None, None, None
+
+
+class WrapWeightCodes(QuantLayer):
+    """Client-side weight of a WrapNet layer: int8 codes (int4 values in ``[-7, 7]`` too) + float32 scale of the
+    broadcast, exactly like :class:`fedaqt.quant.layers.QuantLayer` (no float weight is stored).
+
+    It is a child ``qweight`` of its WrapNet layer with ``weight_key = "<layer>.weight"``, so the client code
+    loads it with ``load_quantized``, trains it through the weight-grad hook (FedSGD) or ``requantize_`` (FedAvg)
+    and uploads ``dL/dŵ``. :meth:`wrap_weight` turns ``ŵ = s*q`` into the layer's binary/ternary/multi-bit
+    weights with the same quantizer the server model uses (:func:`quantize_weight`).
+
+    Args:
+        weight_shape: ``[out, ...]`` of the float weight.
+        bits: broadcast bit-width, 8 or 4. granularity: ``"tensor"`` or ``"channel"``.
+    """
+
+    def __init__(self, weight_shape: Sequence[int], bits: int, granularity: str,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self._init_quant(tuple(int(d) for d in weight_shape), bits, granularity, dtype, device)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int, granularity: str, weight_key: str = "") -> "WrapWeightCodes":
+        """Codes + scale of ``weight`` (float32 max-abs quantization, as the broadcast encoder does)."""
+        w = weight.detach().to(torch.float32)
+        m = cls(tuple(w.shape), bits, granularity, dtype=torch.float32, device=w.device)
+        m.requantize_(w)
+        m.weight_key = weight_key
+        return m
+
+    def wrap_weight(self, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``quantize_weight(s*q, mode)``: (w_q shaped like the weight, s_w ``[out]``), float32; the gradient of
+        the loss w.r.t. ``ŵ = s*q`` is delivered once per backward (see :class:`QuantLayer`)."""
+        anchor = _grad_anchor() if self.weight_requires_grad else None
+        return _CodesWrapWeightFn.apply(self.codes, self.scale, anchor, self, mode)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - the owning layer calls wrap_weight
+        raise RuntimeError("WrapWeightCodes is driven by its WrapNet layer (wrap_weight)")
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight_shape)}, {self._quant_repr()}"
+
+
+def quantize_wrap_layers(model: nn.Module, bits: int, granularity: str) -> nn.Module:
+    """Client model: replace, in place, every WrapNet layer's float ``weight`` by a :class:`WrapWeightCodes`
+    child ``qweight`` (codes + scale at ``bits``/``granularity``, ``weight_key = "<layer>.weight"``).
+
+    Afterwards the model holds no float copy of those weights; load broadcasts with
+    ``fedaqt.client.trainer.load_broadcast``. Layers already converted are left alone.
+
+    Args:
+        model: a model with WrapNet layers (modified in place and returned).
+        bits: 8 or 4. granularity: ``"tensor"`` or ``"channel"``.
+
+    Raises:
+        ValueError: bad ``bits`` or ``granularity``.
+    """
+    qmax(bits)
+    check_granularity(granularity)
+    for name, layer in wrap_layers(model):
+        if layer.holds_codes:
+            continue
+        holder = WrapWeightCodes.from_float(layer.weight, bits, granularity, weight_key=f"{name}.weight")
+        holder.train(layer.training)
+        del layer.weight
+        layer.qweight = holder
+    return model
+
+
 class _WrapMixin:
     """Shared state and forward of :class:`WrapConv2d` / :class:`WrapLinear` (spec §3.1-3.3, §3.5)."""
 
@@ -590,7 +720,33 @@ class _WrapMixin:
         raise NotImplementedError
 
     def _fan_in(self) -> int:
-        return int(self.weight[0].numel())
+        return int(math.prod(self.weight_shape[1:]))
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """Shape of the layer's weight ``[out, ...]`` (float parameter or client codes)."""
+        codes = self._modules.get("qweight")
+        return codes.weight_shape if codes is not None else self.weight.shape
+
+    @property
+    def holds_codes(self) -> bool:
+        """True on a client model after :func:`quantize_wrap_layers`: the weight lives only as integer codes +
+        float scale in the child :class:`WrapWeightCodes` ``qweight`` (no float weight parameter)."""
+        return self._modules.get("qweight") is not None
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights this layer computes with: ``(w_q, s_w)`` of spec §3.1 for ``weight_quant``.
+
+        Float layer: ``quantize_weight(self.weight, weight_quant)`` (STE gradient into ``weight``). Client layer
+        (:attr:`holds_codes`): the same quantizer applied to the dequantized broadcast ``ŵ = s*q``
+        (:meth:`WrapWeightCodes.wrap_weight`; the gradient ``dL/dŵ`` goes to the codes holder's weight-grad hook).
+
+        Returns:
+            (w_q like the weight, integer-valued floats; s_w ``[out]``).
+        """
+        if self.holds_codes:
+            return self.qweight.wrap_weight(self.weight_quant)
+        return quantize_weight(self.weight, self.weight_quant)
 
     def _lane_shift(self, n: torch.Tensor) -> torch.Tensor:
         """Carries entering each lane: lanes are consecutive output channels, ``carry_lanes`` per register; lane j
@@ -611,7 +767,7 @@ class _WrapMixin:
         return _carries_from_u(u, bits, iterations=3)
 
     def _wrap_forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_q, s_w = quantize_weight(self.weight, self.weight_quant)
+        w_q, s_w = self.quantized_weight()
         s_w = s_w.to(x.dtype)
         calibrated = bool(self.s_x > 0)
         if not calibrated:
@@ -629,7 +785,14 @@ class _WrapMixin:
         work_dtype = x.dtype
         if integer and _max_abs_code(self.weight_quant) * (2 ** a - 1) * self._fan_in() >= _FLOAT32_EXACT:
             work_dtype = torch.float64  # keep the integer sum exact (§1.1)
-        z = self._op(x_int.to(work_dtype), w_q.to(work_dtype))
+        x_op, w_op = x_int.to(work_dtype), w_q.to(work_dtype)
+        if self.holds_codes and torch.is_grad_enabled():
+            # client: autograd keeps the integer operands as int8/uint8 codes, not as float copies (like QuantLayer)
+            with _integer_saved_tensors(w_op, x_op if self.act_quant else None):
+                z = self._op(x_op, w_op)
+        else:
+            z = self._op(x_op, w_op)
+        del x_op, w_op
         if integer:
             z = ste_round(z)  # the float sum of integers is exact; rounding only removes any doubt
         if self.training:
@@ -944,7 +1107,8 @@ def select_layer_step_size(layer: _WrapMixin, x: torch.Tensor, b: int | None = N
     if not bit_grid:
         raise ValueError("bit_grid is empty")
     b = layer.effective_bits if b is None else b
-    w_q, _ = quantize_weight(layer.weight.detach(), layer.weight_quant)
+    w_q, _ = layer.quantized_weight()
+    w_q = w_q.detach()
     clip = float(x.max()) if x.numel() else 0.0
     if clip <= 0:  # dead input: any step works, use 1 bit
         a = int(bit_grid[-1])

@@ -50,6 +50,19 @@ class Workload(ABC):
         """True if the module at qualified ``name`` becomes a native quantized layer on clients (spec §2.1)."""
         return False
 
+    def convert_client_model(self, model: nn.Module, bits: int, granularity: str) -> nn.Module:
+        """Turn the float model from :meth:`build_model` into the client's native quantized model (``bits`` 8/4).
+
+        Default: :func:`fedaqt.quant.convert.convert_to_quantized` with :meth:`quantize_filter`. A workload whose
+        layers quantize themselves (WrapNet) overrides it to keep those weights as codes + scales too.
+
+        Returns:
+            the converted model (may be ``model`` itself, modified in place).
+        """
+        from fedaqt.quant.convert import convert_to_quantized
+
+        return convert_to_quantized(model, bits, granularity, self.quantize_filter)
+
     def broadcast_quantized_keys(self, model: nn.Module) -> list[str]:
         """Float-state keys sent as codes + scales although clients keep them as float parameters (dequantized on
         arrival): weights of layers that quantize themselves, e.g. WrapNet's. Default: none."""

@@ -5,12 +5,24 @@ and quantized activations, with the per-layer activation step sizes chosen once 
 search of §3.4 on a fixed calibration batch (deterministic from ``config.seed``, batch statistics in BatchNorm
 because the model is untrained). Clients minimize ``CE + λ_o R_o`` (§3.3).
 
-The server evaluates the same weights twice on a fixed test subset: with a 32-bit accumulator
-(``eval_accuracy``) and with a b-bit accumulator that wraps (``eval_accuracy_acc{b}``, b = ``acc_bits``, default
-8). With the cyclic activation on (default) the two are equal by periodicity (``c(wrap_b(z)) = c(z)``, spec §3.9),
-which is the point of WrapNet and a live check of the integer emulation; with ``options.cyclic = false`` the b-bit
-column shows the overflow collapse of Table 2.1. ``overflow_rate`` is the mean over quantized layers of the
-fraction of accumulator values outside the strict b-bit range; ``overflow_rate_<layer>`` per layer.
+The server evaluates the network the clients hold, on a fixed test subset, in three accumulator settings that are
+three different forward paths (not one path read twice):
+
+* ``eval_accuracy``: 32-bit accumulator, no wrap and no cyclic fold: the exact integer network (the seed's
+  "32-bit accumulator" column of Table 2.1);
+* ``eval_accuracy_acc{b}`` (b = ``acc_bits``, default 8): b-bit two's-complement wrapping accumulator followed by
+  the cyclic activation (WrapNet as deployed; equals the cyclic 32-bit network by periodicity, spec §3.9);
+* ``eval_accuracy_acc{b}_nocyclic``: b-bit wrapping accumulator without the cyclic activation (plain overflow:
+  the "8-bit accumulator" collapse of Table 2.1).
+
+``overflow_rate`` is the mean over quantized layers of the fraction of accumulator values outside the strict
+b-bit range, on the b-bit cyclic pass; ``overflow_rate_<layer>`` per layer.
+
+Quantized broadcast (``--bits 8/4``): the WrapNet weights travel as int8/int4 codes + float32 scales; the client
+model keeps exactly those codes + scales (:func:`fedaqt.models.wrapnet.quantize_wrap_layers`, no float copy) and
+binarizes/ternarizes ``ŵ = s*q``. The server evaluates that same network: it encodes and decodes its float
+weights exactly as a broadcast and evaluates a client-format copy, so the binary/ternary weights and scales it
+evaluates are bit for bit those the clients train (with ``--bits 32`` both sides use the float weights).
 
 ``config.options`` keys (all optional):
 
@@ -54,6 +66,7 @@ from fedaqt.models.wrapnet import (
     build_wrapnet,
     evaluate as evaluate_wrapnet,
     model_overflow_penalty,
+    quantize_wrap_layers,
     select_step_sizes,
     set_wrapnet_mode,
     wrap_layers,
@@ -141,16 +154,19 @@ class WrapNetWorkload(Workload):
         self.acc_bits: int = self.opts["acc_bits"]
         self.layer_names = [n for n, _ in wrap_layers(self._new_model())]
         self.acc_column = f"eval_accuracy_acc{self.acc_bits}"
+        self.nocyclic_column = f"eval_accuracy_acc{self.acc_bits}_nocyclic"
         self.eval_columns = (
             "eval_accuracy",
             self.acc_column,
             "overflow_rate",
+            self.nocyclic_column,
             *[f"overflow_rate_{self._col(n)}" for n in self.layer_names],
         )
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
         self._partitions: list[np.ndarray] | None = None
         self._eval: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._steps: dict[str, Any] = {}
+        self._eval_client_model: nn.Module | None = None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -248,31 +264,67 @@ class WrapNetWorkload(Workload):
         return model
 
     def quantize_filter(self, name: str, module: nn.Module) -> bool:
-        """False: WrapNet layers quantize their own weights (binary/ternary) inside forward, so clients keep them
-        as float parameters; :meth:`broadcast_quantized_keys` still sends them as codes + scales at ``--bits``."""
+        """False: the generic converter has no WrapNet layer (they quantize their own weights to binary/ternary
+        inside forward); :meth:`convert_client_model` gives them codes + scales instead."""
         return False
 
-    def broadcast_quantized_keys(self, model: nn.Module) -> list[str]:
-        """Weights of the WrapNet layers: broadcast as int8/int4 codes + float32 scales and dequantized into the
-        client's float parameter (the platform's generic fake-quant broadcast path)."""
-        from fedaqt.models.wrapnet import wrap_layers
+    def convert_client_model(self, model: nn.Module, bits: int, granularity: str) -> nn.Module:
+        """Client model for ``bits`` 8/4: every WrapNet weight becomes int codes + float32 scale
+        (:func:`fedaqt.models.wrapnet.quantize_wrap_layers`; no float copy), the rest stays float.
 
+        Raises:
+            ValueError: bad ``bits``/``granularity``.
+        """
+        return quantize_wrap_layers(super().convert_client_model(model, bits, granularity), bits, granularity)
+
+    def broadcast_quantized_keys(self, model: nn.Module) -> list[str]:
+        """Weights of the WrapNet layers (``"<layer>.weight"``): broadcast as int8/int4 codes + float32 scales and
+        held by the client as exactly those codes + scales (:meth:`convert_client_model`)."""
         params = dict(model.named_parameters())
         return [f"{n}.weight" for n, _ in wrap_layers(model) if f"{n}.weight" in params and params[f"{n}.weight"].dim() > 1]
 
+    def evaluated_model(self, model: nn.Module) -> nn.Module:
+        """The network :meth:`evaluate` scores for the server's float ``model``: ``model`` itself with
+        ``--bits 32``; otherwise a client-format copy (codes + scales) filled from ``model`` through the broadcast
+        encoder and the client's loader (``encode_broadcast`` -> ``decode_broadcast`` -> ``load_broadcast``), so
+        its weights are bit for bit those the clients receive and train."""
+        bits = self.config.bits
+        if bits >= 16:
+            return model
+        from fedaqt.client.trainer import load_broadcast
+        from fedaqt.quant.wire import decode_broadcast, encode_broadcast
+
+        if self._eval_client_model is None:
+            with torch.random.fork_rng(devices=[]):  # the skeleton's init must not move the server's RNG
+                skeleton = self._new_model()
+            self._eval_client_model = self.convert_client_model(skeleton, bits, self.config.granularity)
+        qmodel = self._eval_client_model
+        state = {k: p.detach() for k, p in model.named_parameters()}
+        state.update({k: b.detach() for k, b in model.named_buffers() if b.is_floating_point()})
+        arrays, meta = encode_broadcast(state, self.broadcast_quantized_keys(model), bits, self.config.granularity)
+        load_broadcast(qmodel, decode_broadcast(arrays, meta))
+        for (_, src), (_, dst) in zip(wrap_layers(model), wrap_layers(qmodel)):
+            for key in ("act_quant", "cyclic", "acc_bits", "k", "b", "track_carries", "carry_mode", "carry_correct"):
+                setattr(dst, key, getattr(src, key))
+        return qmodel
+
     def evaluate(self, model: nn.Module, round_num: int) -> dict[str, float]:
-        """Accuracy with a 32-bit and a b-bit accumulator and the overflow rates, on the fixed test subset.
+        """Accuracy with a 32-bit accumulator (no wrap, no fold), a b-bit wrapping accumulator with the cyclic
+        activation, and a b-bit wrapping accumulator without it; overflow rates of the b-bit cyclic pass.
+
+        Scores :meth:`evaluated_model` (the clients' network) on the fixed test subset, quantized activations.
 
         Returns:
-            {"eval_accuracy", "eval_accuracy_acc{b}", "overflow_rate", "overflow_rate_<layer>"...}, fractions in
-            [0, 1].
+            {"eval_accuracy", "eval_accuracy_acc{b}", "eval_accuracy_acc{b}_nocyclic", "overflow_rate",
+            "overflow_rate_<layer>"...}, fractions in [0, 1].
         """
         batches = self._eval_batches()
-        modes = dict(act_quant=True, cyclic=self.opts["cyclic"])
-        full = evaluate_wrapnet(model, batches, acc_bits=32, **modes)
-        low = evaluate_wrapnet(model, batches, acc_bits=self.acc_bits, **modes)
-        out = {"eval_accuracy": full["accuracy"], self.acc_column: low["accuracy"],
-               "overflow_rate": low["overflow_rate"]}
+        net = self.evaluated_model(model)
+        exact = evaluate_wrapnet(net, batches, act_quant=True, cyclic=False, acc_bits=32)
+        low = evaluate_wrapnet(net, batches, act_quant=True, cyclic=True, acc_bits=self.acc_bits)
+        raw = evaluate_wrapnet(net, batches, act_quant=True, cyclic=False, acc_bits=self.acc_bits)
+        out = {"eval_accuracy": exact["accuracy"], self.acc_column: low["accuracy"],
+               self.nocyclic_column: raw["accuracy"], "overflow_rate": low["overflow_rate"]}
         for n, r in low["overflow_rates"].items():
             out[f"overflow_rate_{self._col(n)}"] = r
         return out
