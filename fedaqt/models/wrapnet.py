@@ -18,6 +18,10 @@ Everything in spec §3 (METHODS.md, rebuilt from chapter 2 of the seed dissertat
 * §3.6 the four-stage pipeline :func:`train_pipeline`.
 * Networks: :class:`WrapVGG7` and :class:`WrapResNet20` for 28x28x1 and 32x32x3 inputs, first and last layers
   full precision (§3.1), width configurable.
+* Federated clients (spec §2.2 applied to WrapNet): :func:`quantize_wrap_layers` replaces each WrapNet layer's
+  float weight by a :class:`WrapWeightCodes` child (int8 codes + float32 scale of the int8/int4 broadcast, a
+  :class:`fedaqt.quant.layers.QuantLayer`), so the client holds no float copy; the layer binarizes/ternarizes
+  ``ŵ = s*q`` with the same quantizer as the float layer, and autograd keeps its integer operands as int8/uint8.
 
 Units: accumulator values ``z_q`` are in integer units (multiples of ``s_w * s_x``); bit-widths are bits.
 Mode switches (per layer, set for a whole model with :func:`set_wrapnet_mode` / :func:`wrapnet_mode`):
@@ -555,17 +559,18 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 
 @contextlib.contextmanager
-def _integer_saved_tensors(w_op: torch.Tensor, x_op: torch.Tensor | None) -> Iterator[None]:
-    """While active, autograd stores the integer-valued weight operand ``w_op`` as int8 and the activation codes
-    ``x_op`` (``[0, 2^a - 1]``) as uint8 (int16 above 8 bits) instead of float copies, and restores the float
-    values exactly when backward needs them (spec §2.2: only integer tensors are kept for backward)."""
+def _integer_saved_tensors(w_op: torch.Tensor | None, x_op: torch.Tensor | None, a: int) -> Iterator[None]:
+    """While active, autograd stores the integer-valued weight operand ``w_op`` (codes in [-127, 127]) as int8 and
+    the a-bit activation codes ``x_op`` (``[0, 2^a - 1]``) as uint8 (int32 above 8 bits) instead of float copies,
+    and restores the float values exactly when backward needs them (spec §2.2: only integer tensors are kept for
+    backward). ``None`` operands are stored as usual."""
+    x_dtype = torch.uint8 if a <= 8 else torch.int32
 
     def pack(t: torch.Tensor) -> Any:
         if _same_tensor(t, w_op):
             return ("int", t.to(torch.int8), t.dtype)
         if _same_tensor(t, x_op):
-            small = bool(t.numel() == 0 or float(t.max()) <= 255)
-            return ("int", t.to(torch.uint8 if small else torch.int16), t.dtype)
+            return ("int", t.to(x_dtype), t.dtype)
         return ("keep", t, None)
 
     def unpack(packed: Any) -> torch.Tensor:
@@ -788,7 +793,8 @@ class _WrapMixin:
         x_op, w_op = x_int.to(work_dtype), w_q.to(work_dtype)
         if self.holds_codes and torch.is_grad_enabled():
             # client: autograd keeps the integer operands as int8/uint8 codes, not as float copies (like QuantLayer)
-            with _integer_saved_tensors(w_op, x_op if self.act_quant else None):
+            with _integer_saved_tensors(w_op if self.weight_quant != "float" else None,
+                                        x_op if self.act_quant else None, a):
                 z = self._op(x_op, w_op)
         else:
             z = self._op(x_op, w_op)
