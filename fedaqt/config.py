@@ -31,6 +31,53 @@ ALLOWED_PARTITIONS = ("iid", "dirichlet", "speaker")
 #: executes. Every other key changes what is computed, so a resumed run refuses a different value for it.
 RESUME_OVERRIDABLE = ("num_cpus", "client_num_cpus", "ray_address")
 
+#: largest ``seed``: torch.manual_seed takes up to 2**64 - 1, numpy's SeedSequence any non-negative integer
+MAX_SEED = 2**63 - 1
+
+
+def _positive_seconds(v: float) -> bool:
+    return v > 0 and math.isfinite(v)
+
+
+#: ``options`` keys that fedaqt's server, clients and built-in strategies read:
+#: key -> (kind, predicate on the number or None, what is allowed). Workload plugins read further keys.
+CORE_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "round_timeout": ("number", _positive_seconds, "a finite number of seconds > 0 (default 3600)"),
+    "profile_memory": ("bool", None, "true or false (default false)"),
+    "proximal_mu": ("number", lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0 (fedprox; default 0.01)"),
+    "tau": ("number", lambda v: v > 0 and math.isfinite(v), "a finite number > 0 (fedadam/fedyogi; default 1e-3)"),
+    "beta_1": ("number", lambda v: 0 <= v < 1, "a number in [0, 1) (fedadam/fedyogi)"),
+    "beta_2": ("number", lambda v: 0 <= v < 1, "a number in [0, 1) (fedadam/fedyogi)"),
+}
+
+
+def validate_core_options(options: dict[str, Any]) -> None:
+    """Check the :data:`CORE_OPTIONS` keys present in ``options`` (numbers may be numeric strings).
+
+    Raises:
+        ConfigError: naming the key, its value and what is allowed.
+    """
+    for key, (kind, ok, allowed) in CORE_OPTIONS.items():
+        if key not in options:
+            continue
+        value = options[key]
+        bad = ConfigError(f"option {key}={value!r} is not allowed; {key} must be {allowed}")
+        if kind == "bool":
+            if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _BOOL_WORDS):
+                continue
+            raise bad
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise bad from None
+        if not ok(number):
+            raise bad
+
+
+_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key, the value and what is allowed."""
@@ -130,6 +177,12 @@ class RunConfig:
             _choice("workload", self.workload, tuple(known_workloads))
         if known_strategies is not None:
             _choice("strategy", self.strategy, tuple(known_strategies))
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must be a table of KEY = VALUE, got {self.options!r}")
+        validate_core_options(self.options)
+        _check_out(self.out)
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0 (0 = the workload's default), got {self.eval_every!r}")
         for key in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size", "num_cpus"):
@@ -158,6 +211,19 @@ class RunConfig:
         if self.algorithm == "fedsgd" and self.local_steps != 1:
             raise ConfigError(f"local_steps={self.local_steps} is only meaningful with algorithm=fedavg; FedSGD uses one batch")
         return self
+
+
+def _check_out(out: str) -> None:
+    """``out`` must name a directory (existing or to be created): no existing part of it may be a file."""
+    if not out:
+        raise ConfigError("out must name a run directory, got ''")
+    p = Path(out).expanduser()
+    for part in (p, *p.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is a file" if part == p else f"lies under {str(part)!r}, which is a file"
+                raise ConfigError(f"out={out!r} {what}; --out must name a run directory")
+            return
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

@@ -208,3 +208,29 @@ def test_load_asterisk_eval(tmp_path: Path):
     assert "silence/1" not in by_id and "beep" not in by_id
     short = load_asterisk_eval(max_utterances=3, max_seconds=1.0)
     assert len(short) == 3 and all(w.shape[0] <= 16000 for _, w, _ in short)
+
+
+def test_truncated_flac_is_skipped_at_scan_with_its_path_and_load_audio_names_a_damaged_file(tmp_path: Path, caplog):
+    """Issue 9 item 12: a truncated .flac has an intact header (sf.info reads it), so it used to pass the scan and
+    then fail its client every round with a LibsndfileError that named no file."""
+    sub = tmp_path / "train"
+    _write_chapter(sub, "5", "1", {"0000": "GOOD ONE", "0001": "CUT SHORT"}, {"0000": "ok", "0001": "ok"})
+    cut = sub / "5" / "1" / "5-1-0001.flac"
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    assert sf.info(str(cut)).frames > 0  # the header still announces every frame
+    with caplog.at_level(logging.WARNING, logger="fedaqt.data"):
+        got = scan_librispeech(tmp_path, "train")
+    assert [u.utt_id for u in got["5"]] == ["5-1-0000"]
+    assert any(str(cut.resolve()) in r.getMessage() and "undecodable" in r.getMessage() for r in caplog.records)
+
+    from fedaqt.data.speech import AudioDecodeError
+
+    damaged = tmp_path / "damaged.flac"
+    raw = bytearray(whole)
+    raw[len(raw) // 2] ^= 0xFF  # damaged in the middle: passes the cheap scan check, fails to decode
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(AudioDecodeError, match=str(damaged)):
+        load_audio(damaged)
+    with pytest.raises(RuntimeError):  # still a RuntimeError, as LibsndfileError was
+        load_audio(damaged)

@@ -31,6 +31,7 @@ __all__ = [
     "Utterance",
     "scan_librispeech",
     "load_audio",
+    "AudioDecodeError",
     "normalize_transcript",
 ]
 
@@ -100,6 +101,10 @@ def normalize_transcript(text: str) -> str:
 # audio
 
 
+class AudioDecodeError(RuntimeError):
+    """libsndfile could not decode an audio file; the message names the file (the cause is chained)."""
+
+
 def load_audio(path: str | Path, target_sr: int = 16000) -> torch.Tensor:
     """Read an audio file as a mono float waveform at ``target_sr``.
 
@@ -116,14 +121,17 @@ def load_audio(path: str | Path, target_sr: int = 16000) -> torch.Tensor:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``target_sr`` is not a positive int, or the file holds no samples.
-        soundfile.LibsndfileError (a ``RuntimeError``): libsndfile cannot decode the file.
+        AudioDecodeError (a ``RuntimeError``): libsndfile cannot decode the file; the message names it.
     """
     if isinstance(target_sr, bool) or not isinstance(target_sr, (int, np.integer)) or target_sr <= 0:
         raise ValueError(f"target_sr must be a positive int (Hz), got {target_sr!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except sf.LibsndfileError as exc:
+        raise AudioDecodeError(f"cannot decode audio file {path}: {exc}") from exc
     if data.shape[0] == 0:
         raise ValueError(f"audio file holds no samples: {path}")
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
@@ -146,13 +154,25 @@ def _utt_key(utt_id: str) -> tuple:
 
 
 def _readable_audio(path: Path) -> str | None:
-    """Return None when ``path`` has a readable, non-empty audio header, else the reason it is unusable."""
+    """Return None when ``path`` is decodable audio with at least one frame, else the reason it is unusable.
+
+    Reads the header and then decodes the last frame (a seek to the end), which fails for a truncated file
+    (e.g. a FLAC whose header announces more frames than the file holds); this costs about as much as the header.
+    A file damaged in the middle still passes; :func:`load_audio` then names it in its error.
+    """
     try:
-        info = sf.info(str(path))
+        f = sf.SoundFile(str(path))
     except Exception as exc:  # libsndfile raises for empty/corrupt files
         return f"unreadable audio ({type(exc).__name__})"
-    if info.frames <= 0:
-        return "empty audio"
+    with f:
+        if f.frames <= 0:
+            return "empty audio"
+        try:
+            f.seek(f.frames - 1)
+            if len(f.read(1)) != 1:
+                return "undecodable audio (last frame missing: truncated file)"
+        except Exception as exc:  # noqa: BLE001 - libsndfile fails to seek/decode a truncated file
+            return f"undecodable audio ({type(exc).__name__}: truncated file?)"
     return None
 
 
@@ -185,9 +205,10 @@ def _read_transcripts(path: Path) -> dict[str, str]:
 def scan_librispeech(root: str | Path, subset: str) -> dict[str, list[Utterance]]:
     """List the usable utterances of one subset of a LibriSpeech-layout corpus.
 
-    Reads only transcripts and audio headers (no samples are decoded). An utterance is usable when it has a
+    Reads transcripts, audio headers and the last frame of each file (not the whole audio). An utterance is usable when it has a
     transcript line whose normalized text is non-empty and an audio file (``.flac`` or ``.wav``) whose header
-    libsndfile reads with at least one frame. Unusable utterances are skipped; a speaker left with no usable
+    libsndfile reads with at least one frame and whose last frame decodes (a truncated file is skipped, and
+    logged with its path). Unusable utterances are skipped; a speaker left with no usable
     utterance is skipped. Each skip is logged as a warning on the ``"fedaqt.data"`` logger naming the speaker
     (one line per speaker, with counts by reason); nothing raises for bad content.
 
@@ -249,6 +270,7 @@ def scan_librispeech(root: str | Path, subset: str) -> dict[str, list[Utterance]
                     continue
                 reason = _readable_audio(audio[utt_id])
                 if reason is not None:
+                    logger.warning("skipping %s: %s", audio[utt_id], reason)
                     skip(reason)
                     continue
                 utts.append(Utterance(utt_id, speaker, chapter, audio[utt_id], transcript))

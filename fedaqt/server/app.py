@@ -19,6 +19,7 @@ of later rounds, so a run killed mid-round and resumed computes the same rounds 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -180,15 +181,60 @@ def semantic_config(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in RESUME_OVERRIDABLE and k != "out"}
 
 
+def checkpoint_digest(obj: Any) -> str:
+    """sha256 (hex) of a checkpoint's content: every key, scalar and tensor (dtype, shape and raw bytes), walked
+    in sorted-key order, so it survives ``torch.save``/``torch.load`` and changes with any flipped bit."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, dict):
+            h.update(b"d%d;" % len(o))
+            for k in sorted(o, key=str):
+                walk(str(k))
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(b"l%d;" % len(o))
+            for v in o:
+                walk(v)
+        elif isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"t{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, str):
+            b = o.encode()
+            h.update(b"s%d;" % len(b) + b)
+        elif isinstance(o, bool) or o is None:
+            h.update(f"b{o!r};".encode())
+        elif isinstance(o, int):
+            h.update(f"i{o};".encode())
+        elif isinstance(o, float):
+            h.update(f"f{o.hex()};".encode())
+        else:
+            raise TypeError(f"cannot digest checkpoint value of type {type(o).__name__}")
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load ``checkpoint.pt`` (tensors on CPU; only plain types, so ``weights_only`` loading is used).
+    """Load ``checkpoint.pt`` (tensors on CPU; only plain types, so ``weights_only`` loading is used) and check
+    its digest (:func:`checkpoint_digest`, stored under ``"digest"`` by :meth:`Server.save_checkpoint`).
 
     Raises:
-        ValueError: not a fedaqt checkpoint of a known format.
+        ValueError: not a fedaqt checkpoint of a known format, or its content does not match its digest (a
+            flipped bit, a partly overwritten file); the message names the file.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: name it
+        raise ValueError(f"{path} is not a readable fedaqt checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a fedaqt checkpoint (format {CHECKPOINT_FORMAT})")
+    stored = ckpt.pop("digest", None)
+    if stored is None:
+        log.warning("%s has no digest (written by an older fedaqt); its content cannot be verified", path)
+    elif checkpoint_digest(ckpt) != stored:
+        raise ValueError(f"{path} is corrupt: its content does not match the sha256 digest stored with it")
     return ckpt
 
 
@@ -230,7 +276,12 @@ class Server:
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, rnd: int) -> None:
-        """Write ``checkpoint.pt`` for completed round ``rnd`` (write to a temp file, fsync, rename)."""
+        """Write ``checkpoint.pt`` for completed round ``rnd`` (write to a temp file, fsync, rename).
+
+        Besides the state (module docstring) it holds ``records``, the row count and digest of rounds.csv and
+        clients.csv (checked on resume), and ``digest``, the sha256 of everything else (checked on load). Once
+        written, the results of an earlier run set aside in ``.previous/`` are deleted (:class:`RunDir`).
+        """
         ckpt = {
             "format": CHECKPOINT_FORMAT,
             "round": int(rnd),
@@ -238,14 +289,23 @@ class Server:
             "params": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in self.arrays.items()},
             "strategy": strategy_state(self.strategy),
             "rng": rng_state(),
+            "records": self.run.records(),
         }
+        ckpt["digest"] = checkpoint_digest(ckpt)
         path = self.run.checkpoint_path
         tmp = path.with_name(path.name + ".tmp")
         torch.save(ckpt, tmp)
         replace_atomic(tmp, path)
+        if self.run.discard_previous():
+            log.info("round %d checkpointed: removed the earlier run's results from %s", rnd, self.run.previous)
 
     def restore(self) -> int:
-        """Load the checkpoint (if any), truncate the CSVs after its round; returns that round (0 = none)."""
+        """Load the checkpoint (if any) and make the CSVs end at its round; returns that round (0 = none).
+
+        Raises:
+            ValueError: a corrupt checkpoint, another configuration or model; ConfigError (a ValueError): a CSV
+                that lost or changed rows of checkpointed rounds (:meth:`RunDir.check_resume`, naming the file).
+        """
         path = self.run.checkpoint_path
         if not path.exists():
             log.warning("no checkpoint in %s: the run restarts at round 1", self.run.root)
@@ -266,12 +326,11 @@ class Server:
         got = {k: tuple(v.shape) for k, v in params.items()}
         if got != expected:
             raise ValueError(f"checkpoint {path} does not match the model (parameter names or shapes differ)")
+        done = int(ckpt["round"])
+        self.run.check_resume(done, ckpt.get("records"))
         self.arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
         restore_strategy_state(self.strategy, ckpt["strategy"])
         set_rng_state(ckpt["rng"])
-        done = int(ckpt["round"])
-        self.run.rounds.truncate_after(done)
-        self.run.clients.truncate_after(done)
         self.start_round = done + 1
         return done
 

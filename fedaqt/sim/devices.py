@@ -136,7 +136,7 @@ def load_device_profile(path: str | Path, num_clients: int, seed: int = 0) -> De
     if not p.is_file():
         raise ConfigError(f"device profile {name!r} does not exist")
     try:
-        with p.open(newline="") as f:
+        with p.open(newline="", encoding="utf-8-sig") as f:  # a UTF-8 BOM (spreadsheet export) is not a column name
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
             rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]

@@ -51,8 +51,8 @@ def preflight(config: RunConfig) -> RunConfig:
         from fedaqt.sim.devices import validate_device_profile
 
         validate_device_profile(config)  # ConfigError naming the file, line and value
-    if config.ray_address and config.ray_address != "auto":
-        check_ray_address(config.ray_address)
+    if config.ray_address:
+        resolve_ray_address(config.ray_address)  # 'auto': what it found, refused when not this user's
     try:
         workload = get_workload_class(config.workload)(config)
         workload.prepare()
@@ -86,19 +86,149 @@ def check_ray_address(address: str, timeout: float = 3.0) -> None:
         ) from None
 
 
+def resolve_ray_address(address: str) -> str:
+    """The HOST:PORT a run attaches to for ``--ray-address`` (checked with :func:`check_ray_address`).
+
+    ``auto`` takes ``RAY_ADDRESS`` or the address file that ``ray start`` writes (``$RAY_TMPDIR/ray`` or
+    ``/tmp/ray``, ``ray_current_cluster``) and logs what it found. Unlike ``ray.init(address="auto")`` it never
+    falls back to any raylet running on the machine (e.g. another program's local instance); and a head whose
+    GCS process runs as another user is refused. Naming the address explicitly attaches to it anyway.
+
+    Raises:
+        ConfigError: ``auto`` found nothing (the message lists the Ray processes seen, if any), found a head of
+            another user, or nothing answers at the address.
+    """
+    if address != "auto":
+        check_ray_address(address)
+        return address
+    from ray._private import services, utils
+
+    env = os.environ.get("RAY_ADDRESS", "")
+    source = "the RAY_ADDRESS environment variable"
+    found = env
+    if not found:
+        path = utils.get_ray_address_file(None)
+        found = utils.read_ray_address(None) or ""
+        source = f"{path} (written by `ray start`)"
+    if not found:
+        others = sorted(services.find_gcs_addresses())
+        seen = f"; Ray instances of other programs run at {', '.join(others)} (not attached)" if others else ""
+        raise ConfigError(
+            f"ray_address='auto': no Ray head started with `ray start` was found (RAY_ADDRESS is unset and "
+            f"{utils.get_ray_address_file(None)} does not exist){seen}. Start one with `ray start --head --port 6379`, "
+            "or name the address with --ray-address HOST:PORT"
+        )
+    owner = _gcs_owner(found)
+    if owner is not None and owner[1] != os.getuid():
+        raise ConfigError(
+            f"ray_address='auto' found the Ray head at {found} (from {source}), but its GCS process "
+            f"(pid {owner[0]}) runs as uid {owner[1]}, not as you (uid {os.getuid()}); "
+            f"pass --ray-address {found} to attach to it anyway"
+        )
+    check_ray_address(found)
+    if found not in _REPORTED:
+        _REPORTED.add(found)
+        log.warning("--ray-address auto: attaching to the Ray head at %s (from %s%s)", found, source,
+                    f", GCS pid {owner[0]}" if owner else "")
+    return found
+
+
+_REPORTED: set[str] = set()
+
+
+def _gcs_owner(address: str) -> tuple[int, int] | None:
+    """(pid, uid) of the local gcs_server listening on ``address``'s port, None when not found locally."""
+    import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+    import psutil
+
+    port = address.rpartition(":")[2]
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "uids"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if "gcs_server" in (proc.info["name"] or "") or "gcs_server" in cmd.split(" ")[0]:
+                if f"--gcs_server_port={port}" in cmd:
+                    return proc.info["pid"], proc.info["uids"].real
+        except (psutil.Error, AttributeError, TypeError):
+            continue
+    return None
+
+
+#: the owner file of a ``/tmp`` fallback Ray temp dir (pid of the fedaqt process that made it)
+_OWNER_FILE = "fedaqt-owner.pid"
+
+
 def ray_temp_dir(run_dir: Path) -> Path:
+    """Ray's temp dir for a local run: ``RUN_DIR/ray`` when short enough for unix sockets, else a fresh
+    ``$TMPDIR/fedaqt-ray-*`` (removed after the run; it holds :data:`_OWNER_FILE`).
+
+    Before that, Ray sessions of earlier runs in ``RUN_DIR/ray`` are pruned and ``fedaqt-ray-*`` dirs whose
+    owner process is gone (a killed run) are removed, so a reused run directory or a crash leaves nothing
+    to pile up.
+    """
+    clean_stale_ray_dirs()
     candidate = run_dir.resolve() / "ray"
     if len(str(candidate)) <= _MAX_RAY_TMP:
+        prune_ray_sessions(candidate)
         candidate.mkdir(parents=True, exist_ok=True)
         return candidate
-    return Path(tempfile.mkdtemp(prefix="fedaqt-ray-"))
+    tmp = Path(tempfile.mkdtemp(prefix="fedaqt-ray-"))
+    (tmp / _OWNER_FILE).write_text(str(os.getpid()))
+    return tmp
+
+
+def prune_ray_sessions(ray_dir: Path) -> list[str]:
+    """Remove ``ray_dir/session_*`` (Ray's per-start session dirs) left by earlier runs; returns their names.
+
+    Only called before this run starts its own Ray there; two runs in one run directory at once are not
+    supported anyway (they would write the same CSVs)."""
+    removed = []
+    if not ray_dir.is_dir():
+        return removed
+    for p in sorted(ray_dir.glob("session_*")):
+        if p.is_symlink():
+            p.unlink(missing_ok=True)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            continue
+        removed.append(p.name)
+    if removed:
+        log.info("pruned %d Ray session dir(s) of earlier runs in %s", len(removed), ray_dir)
+    return removed
+
+
+def clean_stale_ray_dirs(base: str | Path | None = None) -> list[Path]:
+    """Remove ``fedaqt-ray-*`` dirs under ``base`` (default the temp dir) whose owner process is dead.
+
+    Dirs without an owner file, or whose owner still runs, are left alone. Returns the removed paths."""
+    removed = []
+    for d in Path(base or tempfile.gettempdir()).glob("fedaqt-ray-*"):
+        try:
+            pid = int((d / _OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def backend_config(config: RunConfig) -> dict[str, Any]:
     """Flower's Ray backend config: client resources and ``ray.init`` arguments (attach or start locally)."""
     init_args: dict[str, Any]
     if config.ray_address:
-        init_args = {"address": config.ray_address}
+        init_args = {"address": resolve_ray_address(config.ray_address) if config.ray_address == "auto" else config.ray_address}
     else:
         init_args = {
             "num_cpus": config.num_cpus,
@@ -116,7 +246,9 @@ def checkpoint_round(config: RunConfig) -> int:
     """Last complete round in ``config.out``'s checkpoint (0 when there is none).
 
     Raises:
-        ConfigError: the checkpoint is unreadable or was written with a different configuration.
+        ConfigError: the checkpoint is unreadable or corrupt (digest), was written with a different
+            configuration, or rounds.csv / clients.csv lost or changed rows of its rounds (the message names
+            the file). Rows after the checkpointed round (the unfinished round, a torn last line) are dropped.
     """
     from fedaqt.server.app import read_checkpoint, semantic_config
 
@@ -131,29 +263,43 @@ def checkpoint_round(config: RunConfig) -> int:
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         raise ConfigError(f"cannot resume: {path} was written with different values of {', '.join(diff)}")
-    return int(ckpt["round"])
+    done = int(ckpt["round"])
+    RunDir(config.out).check_resume(done, ckpt.get("records"))  # the CSVs end at `done`, or refused naming one
+    return done
 
 
 def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False) -> dict[str, Any]:
     """Run one federated experiment end to end; returns the summary written to ``summary.json``.
 
-    A new run (``resume=False``) removes the results of an earlier run in ``config.out``. With ``resume=True``
-    the run continues after the last checkpointed round of ``config.out`` (a finished run only rewrites its
-    summary, without starting Ray).
+    A new run (``resume=False``) in a directory holding an earlier run moves that run's results aside
+    (``RUN_DIR/.previous/``, see :class:`fedaqt.report.rundir.RunDir`); they are deleted once the new run has
+    checkpointed round 1, and put back unchanged when it fails before that (preflight failures touch nothing).
+    With ``resume=True`` the run continues after the last checkpointed round of ``config.out`` (a finished run
+    only rewrites its summary, without starting Ray).
 
     Raises:
         ConfigError / FileNotFoundError: from :func:`preflight` or the checkpoint check, before Ray starts.
         RuntimeError: the simulation failed (Flower's error, chained).
     """
     preflight(config)
+    done = checkpoint_round(config) if resume else 0
     run = RunDir(config.out)
-    done = 0
-    if resume:
-        done = checkpoint_round(config)
-    else:
-        removed = run.clear_results()
-        if removed:
-            log.warning("%s held an earlier run; removed its %s", run.root, ", ".join(removed))
+    if not resume:
+        moved = run.set_aside()
+        if moved:
+            log.warning("%s held an earlier run; its %s are kept in %s until this run checkpoints round 1",
+                        run.root, ", ".join(moved), run.previous)
+    try:
+        return _run(config, run, progress, resume, done)
+    except BaseException:
+        restored = run.restore_previous()
+        if restored:
+            log.warning("the run failed before its first checkpoint; restored the earlier run's %s in %s",
+                        ", ".join(restored), run.root)
+        raise
+
+
+def _run(config: RunConfig, run: RunDir, progress: Any, resume: bool, done: int) -> dict[str, Any]:
     config.save(run.config_path)
 
     from fedaqt.server.app import Server, make_server_app
@@ -194,6 +340,10 @@ def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False
         if tmp is not None and tmp.name.startswith("fedaqt-ray-"):
             shutil.rmtree(tmp, ignore_errors=True)
     if "summary" not in result:
+        restored = run.restore_previous()
+        if restored:
+            log.warning("the run stopped before its first checkpoint; restored the earlier run's %s in %s",
+                        ", ".join(restored), run.root)
         _stop_unfinished(run.root, interrupted)
     return result["summary"]
 
