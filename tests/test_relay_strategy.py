@@ -266,3 +266,33 @@ def test_relay_exact_on_float32_512x2048(tmp_path, bits, granularity):
     # the relay adds only at the max-abs entries; elsewhere the step is the mean client upload
     torch.testing.assert_close(update[key][~at_max], g_bar[key][~at_max], atol=1e-8, rtol=0)
     assert float(corr_ref.abs().min()) > 0
+
+
+def test_relay_needs_the_broadcast_codes_of_the_round():
+    """Without this round's broadcast codes (or with codes of another bit-width) the relay refuses, naming the key,
+    rather than silently re-quantizing the float weight."""
+    from fedaqt.quant.wire import QTensor
+    from fedaqt.strategies.quantized import BroadcastSpec
+    from fedaqt.strategies.relay import GradientRelayMixin
+
+    class Base:
+        def correct_mean_update(self, server_round, mean):
+            return mean
+
+    class Relay(GradientRelayMixin, Base):
+        pass
+
+    w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    r = Relay()
+    r.spec = BroadcastSpec(bits=8, granularity="tensor", quantized_keys=frozenset({"w"}), param_shapes={"w": (3, 4)})
+    r.current_float, r.last_round_stats, r.sent_quantized = {"w": w}, {}, {}
+    mean = {"w": torch.ones(3, 4, dtype=torch.float64)}
+    with pytest.raises(RuntimeError, match="'w'"):
+        r.correct_mean_update(1, mean)
+    codes = torch.round(torch.from_numpy(w) / (1 / 7)).to(torch.int8)
+    r.sent_quantized = {"w": QTensor(codes=codes, scale=torch.tensor(1 / 7), bits=4, granularity="tensor")}
+    with pytest.raises(RuntimeError, match="'w' was broadcast as 4-bit tensor"):
+        r.correct_mean_update(1, mean)
+    r.spec.update_kind = "delta"
+    with pytest.raises(ValueError, match="FedSGD"):
+        r.correct_mean_update(1, mean)
