@@ -120,3 +120,96 @@ def test_relayed_weighted_mean_equals_centralized(bits, gran):
     wqd = fake_quant(ww, bits, gran, scale_grad=True)
     sum(x.shape[0] / n_tot * torch.tanh(x @ wqd.t()).pow(2).mean() for x in xs).backward()
     assert (relayed - ww.grad).abs().max().item() <= 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 9 item 1: the relay must use the codes + float32 scale that went on the wire. Float32 server weights of
+# realistic size (512x2048, nn.Linear init) are quantized by the real broadcast encoder; the reference is plain
+# autograd of sum(g * Q(W)) with s = amax|w|/t_b differentiable and an STE round (tests/qat_reference.py), whose
+# forward values are the float32 broadcast's and whose backward runs in float64.
+
+
+def _wire(w32, bits, gran):
+    from fedaqt.quant.wire import decode_broadcast, encode_broadcast
+
+    arrays, meta = encode_broadcast({"enc.weight": w32}, ["enc.weight"], bits, gran)
+    return decode_broadcast(arrays, meta)["enc.weight"]
+
+
+def _big_case(bits, gran):
+    torch.manual_seed(0)
+    w32 = torch.nn.Linear(2048, 512).weight.detach().clone()
+    # a gradient shaped like a linear layer's: rank-few outer products plus noise, float64 like the server mean
+    gen = torch.Generator().manual_seed(1)
+    a, x = torch.randn(512, 5, generator=gen, dtype=torch.float64), torch.randn(5, 2048, generator=gen, dtype=torch.float64)
+    g = 1e-2 * (a @ x) / 5 + 1e-3 * torch.randn(512, 2048, generator=gen, dtype=torch.float64)
+    return w32, g, _wire(w32, bits, gran)
+
+
+def _reference_correction(w32, g, bits, gran):
+    from qat_reference import wire_quant
+
+    W = w32.double().requires_grad_(True)
+    q = wire_quant(W, bits, gran)
+    (q * g).sum().backward()
+    return q.detach(), W.grad - g
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("gran", GRANS)
+def test_relay_with_broadcast_codes_exact_on_float32_512x2048(bits, gran):
+    from qat_reference import float64_code_mismatches, max_abs_positions
+
+    w32, g, qt = _big_case(bits, gran)
+    q_ref, corr_ref = _reference_correction(w32, g, bits, gran)
+    # the reference is quantized as the broadcast does: its Q(W) is what the clients decode, bit for bit
+    assert torch.equal(q_ref.float(), qt.dequantize())
+    corr = relay_correction(g, w32, bits, gran, scale=qt.scale, codes=qt.codes)
+    at_max = max_abs_positions(w32, gran)
+    assert corr.dtype == torch.float64 and bool((corr[~at_max] == 0).all())
+    per = corr_ref[at_max].abs()
+    err = (corr - corr_ref)[at_max].abs()
+    print(f"\n{bits}-bit {gran}: max |corr - ref| = {float(err.max()):.2e}, max |corr| = {float(per.max()):.2e}, "
+          f"float64 code mismatches = {float64_code_mismatches(w32, bits, gran)}")
+    # float64 rounding only: 1e-10 of the correction of that tensor/channel
+    assert float(per.min()) > 0
+    assert bool((err <= 1e-10 * per + 1e-15).all()), float((err / per).max())
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_float64_requantization_differs_from_the_wire(bits):
+    """Why the codes must come from the wire: recomputing Q(w) in float64 (the pre-fix relay) is off by far more
+    than float64 rounding on these weights (int8: codes differ; int4: the float32 scale differs in its last bits)."""
+    from qat_reference import float64_code_mismatches, max_abs_positions
+
+    for gran in GRANS:
+        w32, g, qt = _big_case(bits, gran)
+        _, corr_ref = _reference_correction(w32, g, bits, gran)
+        old = relay_correction(g, w32.double(), bits, gran)
+        at_max = max_abs_positions(w32, gran)
+        rel = ((old - corr_ref)[at_max].abs() / corr_ref[at_max].abs()).max()
+        assert rel > 1e-8, (gran, float(rel))
+        if bits == 8:
+            assert float64_code_mismatches(w32, bits, gran) > 0
+
+
+def test_relay_correction_rejects_bad_wire_inputs():
+    w = _t((4, 6), 40).float()
+    g = _t((4, 6), 41)
+    codes, s = torch.zeros(4, 6, dtype=torch.int8), torch.full((4,), 0.1)
+    with pytest.raises(ValueError, match="without the scale"):
+        relay_correction(g, w, 8, "channel", codes=codes)
+    with pytest.raises(ValueError, match=r"scale shape \(3,\)"):
+        relay_correction(g, w, 8, "channel", scale=s[:3], codes=codes)
+    with pytest.raises(ValueError, match=r"scale shape \(4,\)"):
+        relay_correction(g, w, 8, "tensor", scale=s, codes=codes)
+    with pytest.raises(ValueError, match="finite and > 0.*nan"):
+        relay_correction(g, w, 8, "channel", scale=torch.tensor([0.1, float("nan"), 0.1, 0.1]), codes=codes)
+    with pytest.raises(ValueError, match="finite and > 0.*-0.5"):
+        relay_correction(g, w, 8, "channel", scale=torch.tensor([0.1, -0.5, 0.1, 0.1]), codes=codes)
+    with pytest.raises(ValueError, match="integer tensor, got torch.float32"):
+        relay_correction(g, w, 8, "channel", scale=s, codes=codes.float())
+    with pytest.raises(ValueError, match=r"codes shape \(4, 5\)"):
+        relay_correction(g, w, 8, "channel", scale=s, codes=codes[:, :5])
+    with pytest.raises(ValueError, match=r"\[-7, 7\].*\[0, 8\]"):
+        relay_correction(g, w, 4, "channel", scale=s, codes=codes + torch.eye(4, 6, dtype=torch.int8) * 8)

@@ -222,15 +222,18 @@ def test_fedavg_final_codes_minus_sent_equals_delta(granularity):
     assert codes_reply.metric_records["metrics"]["upload_bytes"] < delta_reply.metric_records["metrics"]["upload_bytes"]
 
 
-def test_final_codes_constants_match_the_strategy():
-    for name, value in (("ACCEPT_FINAL_CODES", ACCEPT_FINAL_CODES), ("UPDATE_META_KEY", UPDATE_META_KEY),
-                        ("FINAL_CODES_FORMAT", FINAL_CODES_FORMAT)):
-        if hasattr(quantized, name):
-            assert getattr(quantized, name) == value
+@pytest.mark.parametrize("name", ["ACCEPT_FINAL_CODES", "UPDATE_META_KEY", "FINAL_CODES_FORMAT"])
+def test_final_codes_constants_match_the_strategy(name):
+    """The client (fedaqt.client.app) and the server strategy (fedaqt.strategies.quantized) each define the
+    final-codes protocol constants; both must exist and agree (a missing one fails, it is not skipped)."""
+    import fedaqt.client.app as client_app
+
+    assert hasattr(quantized, name), f"fedaqt.strategies.quantized has no {name}"
+    assert hasattr(client_app, name), f"fedaqt.client.app has no {name}"
+    assert isinstance(getattr(quantized, name), str) and getattr(quantized, name)
+    assert getattr(quantized, name) == getattr(client_app, name)
 
 
-@pytest.mark.skipif(not hasattr(quantized, "ACCEPT_FINAL_CODES"),
-                    reason="the server does not yet form FedAvg deltas from final codes (strategies/quantized.py)")
 def test_fedavg_final_codes_through_the_server(tmp_path):
     cfg = RunConfig(workload="toy", strategy="fedavg", algorithm="fedavg", bits=8, local_steps=2, lr=0.3,
                     num_clients=3, clients_per_round=3, rounds=1, server_lr=1.0, server_momentum=0.0,
@@ -239,7 +242,13 @@ def test_fedavg_final_codes_through_the_server(tmp_path):
     w0 = {k: torch.from_numpy(a.numpy().copy()) for k, a in server.arrays.items()}
     grid = FakeGrid(3)
     server.run_rounds(grid)
-    assert all(UPDATE_META_KEY in r.content.config_records for r in grid.replies)
+    # the server offers the final-codes upload under its own constant, the client answers under its own
+    assert all(m.content["config"][quantized.ACCEPT_FINAL_CODES] is True for m in grid.sent)
+    assert all(quantized.UPDATE_META_KEY in r.content.config_records for r in grid.replies)
+    assert all(r.content.config_records[quantized.UPDATE_META_KEY]["format"] == quantized.FINAL_CODES_FORMAT
+               for r in grid.replies)
+    clients = pd.read_csv(tmp_path / "clients.csv")
+    assert (clients.status == "ok").all(), clients.error.tolist()
     # expected: weighted mean of the clients' delta uploads
     from toy import BATCH_SIZES
 

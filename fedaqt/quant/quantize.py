@@ -297,6 +297,7 @@ def relay_correction(
     bits: int,
     granularity: Granularity,
     scale: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient-relay correction, spec 2.2 step 6 / eq. 3.4 (= the scale term of eq. 3.2/3.3).
 
@@ -305,37 +306,76 @@ def relay_correction(
     ``torch.amax``). Where the unguarded scale ``amax/t_b`` is below the eps guard the correction is 0 (matching
     autograd through ``clamp_min``). The result is linear in ``grad`` and nonzero only at max-abs entries.
 
+    ``Q(w) = s * q`` must be exactly what the clients trained on. The server's relay therefore passes the
+    ``codes`` and the float32 ``scale`` that went on the wire (:func:`fedaqt.quant.wire.encode_broadcast`
+    quantizes in float32): re-quantizing ``w`` in float64 gives a scale that differs in the last float32 bits and,
+    for a few entries of a large tensor, a different code, which makes ``g_s`` of that tensor/channel wrong.
+
     Args:
-        grad: ``dL/dQ(w)`` (e.g. the aggregated client gradient), shaped like ``w``.
-        w: the server's float weight, floating, any shape (per channel: axis 0 = out).
+        grad: ``dL/dQ(w)`` (e.g. the aggregated client gradient), floating, shaped like ``w``.
+        w: the server's float weight that was quantized, floating, any shape (per channel: axis 0 = out).
         bits: 8 or 4.
         granularity: ``"tensor"`` or ``"channel"``.
-        scale: optional scale actually used for ``Q(w)`` (0-d or ``[out]``), e.g. the float32 scale that was
-            broadcast; default: the max-abs scale of ``w`` in ``w``'s dtype.
+        scale: the scale actually used for ``Q(w)`` (floating, ``()`` per tensor or ``[w.shape[0]]`` per channel,
+            finite, > 0), e.g. the float32 scale that was broadcast; default: the max-abs scale of ``w`` in
+            ``w``'s dtype. When given, the eps guard is that of ``scale``'s dtype (spec 1.2).
+        codes: the integer codes actually used for ``Q(w)`` (shaped like ``w``, values in ``[-t_b, t_b]``), e.g.
+            the broadcast codes; requires ``scale``. Default: ``clamp(round(w / s), -t_b, t_b)`` recomputed here.
 
     Returns:
-        Correction tensor shaped like ``w`` in the promoted dtype of ``grad`` and ``w``; add it to ``grad``.
+        Correction tensor shaped like ``w`` in the promoted dtype of ``grad``, ``w`` (and ``scale``); add it to
+        ``grad``.
 
     Raises:
-        ValueError: shape mismatch between ``grad`` and ``w``, bad bits/granularity.
+        ValueError: shape mismatch between ``grad``, ``w``, ``scale`` or ``codes``; non-integer or out-of-range
+            codes; a non-floating, non-finite or negative scale; ``codes`` without ``scale``; bad
+            bits/granularity. Each message names the bad value.
     """
     _check_float(w)
     _check_float(grad, "grad")
     if grad.shape != w.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} != weight shape {tuple(w.shape)}")
     t = qmax(bits)
+    check_granularity(granularity)
+    if granularity == "channel" and w.dim() == 0:
+        raise ValueError("per-channel relay correction needs a tensor with at least 1 dimension, got a 0-d tensor")
+    if codes is not None and scale is None:
+        raise ValueError("relay_correction: codes were given without the scale they were quantized with")
+    if scale is not None:
+        _check_float(scale, "scale")
+        want = () if granularity == "tensor" else (w.shape[0],)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"scale shape {tuple(scale.shape)} != {want} for a {granularity} scale of a weight "
+                             f"shaped {tuple(w.shape)}")
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            bad = scale[~torch.isfinite(scale) | (scale <= 0)].reshape(-1)[0]
+            raise ValueError(f"scale must be finite and > 0 (the eps guard keeps it positive), got {float(bad)}")
+    if codes is not None:
+        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool \
+                or codes.is_complex():
+            raise ValueError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        if codes.shape != w.shape:
+            raise ValueError(f"codes shape {tuple(codes.shape)} != weight shape {tuple(w.shape)}")
+        if codes.numel() and (int(codes.min()) < -t or int(codes.max()) > t):
+            raise ValueError(f"codes must lie in [-{t}, {t}] for {bits}-bit weights, got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
     dtype = torch.promote_types(grad.dtype, w.dtype)
+    if scale is not None:
+        dtype = torch.promote_types(dtype, scale.dtype)
     w = w.to(dtype)
     grad = grad.to(dtype)
-    raw = _amax(w, granularity) / t
-    eps = default_eps(w.dtype)
     if scale is None:
+        raw = _amax(w, granularity) / t
+        eps = default_eps(dtype)
         s = raw.clamp_min(eps)
     else:
+        # the guard acted where the scale was computed: in the scale's dtype (float32 on the wire)
+        raw = _amax(w.to(scale.dtype), granularity) / t
+        eps = default_eps(scale.dtype)
         s = scale.to(dtype)
     active = (raw >= eps).to(dtype)
     sb = broadcast_scale(s, w.dim())
-    q = torch.clamp(torch.round(w / sb), -t, t)
+    q = torch.clamp(torch.round(w / sb), -t, t) if codes is None else codes.to(dtype)
     term = grad * (q * sb - w) / sb
     if granularity == "tensor":
         g_s = term.sum()

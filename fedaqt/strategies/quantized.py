@@ -132,12 +132,14 @@ class QuantizedMixin:
         self.current_float = {k: np.asarray(a.numpy()) for k, a in arrays.items()}
         state = {k: torch.from_numpy(np.array(v)) for k, v in {**self.current_float, **self.buffers}.items()}
         q_arrays, q_meta = encode_broadcast(state, self.spec.quantized_keys, self.spec.bits, self.spec.granularity)
-        # FedAvg clients upload the final codes + scales of quantized layers; the delta is formed against Q(W) sent
+        # the codes + float32 scales exactly as sent (the relay's Q(w)); FedAvg clients upload the final codes +
+        # scales of quantized layers, and the delta is formed against the Q(W) sent
+        self.sent_quantized: dict[str, QTensor] = {}
         self.sent_dequantized = {}
-        if self.spec.update_kind == "delta" and self.spec.bits < 32 and self.spec.quantized_keys:
-            self.sent_dequantized = {
-                k: v.dequantize() for k, v in decode_broadcast(q_arrays, q_meta).items() if isinstance(v, QTensor)
-            }
+        if self.spec.bits < 32 and self.spec.quantized_keys:
+            self.sent_quantized = {k: v for k, v in decode_broadcast(q_arrays, q_meta).items() if isinstance(v, QTensor)}
+            if self.spec.update_kind == "delta":
+                self.sent_dequantized = {k: v.dequantize() for k, v in self.sent_quantized.items()}
         partitions = self.sample_partitions(server_round)
         base_config = messages[0].content[self.configrecord_key]  # type: ignore[attr-defined]
         out = []
