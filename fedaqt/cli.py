@@ -110,6 +110,8 @@ def run(
             summary = run_experiment(cfg, progress=progress, resume=bool(resume))
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
+        except RuntimeError:  # the run stopped: run_experiment printed one line with the cause and --resume
+            raise typer.Exit(code=1) from None
     _print_summary(summary, cfg.out)
 
 

@@ -130,6 +130,21 @@ def encode_update(
     return ArrayRecord(arrays)
 
 
+def _load_npy(arrays: ArrayRecord, key: str) -> np.ndarray:
+    """``arrays[key]`` as an ndarray; ValueError naming the key when the payload is not one ``.npy`` array
+    (empty bytes, an ``.npz`` zip, garbage, a non-numpy serialization type)."""
+    try:
+        a = arrays[key].numpy()
+    except Exception as exc:  # noqa: BLE001 - np.load raises EOFError/ValueError/OSError/... for bad bytes
+        raise ValueError(f"{key}: payload is not a .npy array ({type(exc).__name__}: {exc})") from None
+    if not isinstance(a, np.ndarray):
+        close = getattr(a, "close", None)
+        if callable(close):
+            close()
+        raise ValueError(f"{key}: payload is not a .npy array (got {type(a).__name__})")
+    return a
+
+
 def decode_update(
     arrays: ArrayRecord,
     expected: Optional[Mapping[str, Sequence[int]]] = None,
@@ -148,7 +163,8 @@ def decode_update(
     Raises:
         ValueError: naming the key, for a missing or unexpected key, a wrong shape, a wrong dtype (anything but
             float32/float16/int8-with-scale, or not the required ``uplink_bits``), int8 codes of -128, a scale that
-            is not float32 of shape ``()``/``[out]``, a stray ``::scale`` array, or non-finite values.
+            is not float32 of shape ``()``/``[out]``, a stray ``::scale`` array, non-finite values, or a payload
+            that is not a ``.npy`` array (empty, zip, garbage).
     """
     if uplink_bits is not None:
         _check_bits(uplink_bits)
@@ -167,7 +183,7 @@ def decode_update(
             raise ValueError(f"{extra[0]}: unexpected key in the update")
     out: dict[str, torch.Tensor] = {}
     for k in base:
-        a = arrays[k].numpy()
+        a = _load_npy(arrays, k)
         if expected is not None and tuple(a.shape) != tuple(int(d) for d in expected[k]):
             raise ValueError(f"{k}: shape {tuple(a.shape)} != expected {tuple(int(d) for d in expected[k])}")
         sk = k + SCALE_SUFFIX
@@ -175,7 +191,7 @@ def decode_update(
             bits = 8
             if sk not in arrays:
                 raise ValueError(f"{k}: int8 codes without a {SCALE_SUFFIX!r} array")
-            s = arrays[sk].numpy()
+            s = _load_npy(arrays, sk)
             if s.dtype != np.float32:
                 raise ValueError(f"{k}: scale must be float32, got {s.dtype}")
             want = (a.shape[0],) if a.ndim >= 2 else ()

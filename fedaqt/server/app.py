@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,13 +39,23 @@ from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
 from fedaqt.plugins import get_strategy_plugin, get_workload_class
 from fedaqt.quant.convert import quantized_weight_keys
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
+from fedaqt.sim import backend as sim_backend
 from fedaqt.sim.nodeinfo import ActorNodeMap, nodeinfo_of
-from fedaqt.strategies.quantized import BroadcastSpec
+from fedaqt.strategies.quantized import BroadcastSpec, ClientRow
 from fedaqt.workloads.base import Workload
 
 log = logging.getLogger("fedaqt.server")
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
+
+#: ``options.round_timeout``: seconds the server waits for a round's replies
+DEFAULT_ROUND_TIMEOUT = 3600.0
+#: ``options.max_nonfinite_rounds``: rounds with a non-finite aggregated model before the run stops
+DEFAULT_MAX_NONFINITE_ROUNDS = 3
+
+
+class RunAborted(RuntimeError):
+    """The server stopped the run; the message names the cause and the ``fedaqt run --resume`` command."""
 
 
 def float_state_split(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -65,6 +76,7 @@ def make_spec(config: RunConfig, workload: Workload, model: nn.Module) -> Broadc
         param_shapes={k: tuple(v.shape) for k, v in params.items()},
         buffer_shapes={k: tuple(v.shape) for k, v in buffers.items()},
         update_kind="gradient" if config.algorithm == "fedsgd" else "delta",
+        final_code_keys=frozenset(qkeys),
     )
 
 
@@ -271,6 +283,7 @@ class Server:
         self.start_round = 1
         self.history: list[dict[str, Any]] = []
         self.node_map = ActorNodeMap()
+        self.rejected_updates: list[dict[str, Any]] = []
         if resume:
             self.restore()
 
@@ -343,26 +356,74 @@ class Server:
         return make_budget_fn(self.config)
 
     def evaluate(self, round_num: int) -> dict[str, float]:
+        """Server-side evaluation of the float global model (the workload's metrics, e.g. ``eval_cer``).
+
+        Raises:
+            RunAborted: the workload's ``evaluate`` raised; the message names the exception, where it was raised
+                and the ``fedaqt run --resume`` command (the round is not checkpointed, so a resume redoes it).
+        """
         params = {k: a.numpy() for k, a in self.arrays.items()}
         load_into(self.model, params, self.strategy.buffers)
-        return self.workload.evaluate(self.model, round_num)
+        try:
+            return self.workload.evaluate(self.model, round_num)
+        except Exception as exc:  # noqa: BLE001 - one line with the cause and how to continue
+            where = ""
+            frames = traceback.extract_tb(exc.__traceback__)
+            if frames:
+                f = frames[-1]
+                where = f" (at {f.filename}:{f.lineno} in {f.name})"
+            raise RunAborted(
+                f"round {round_num}: server-side evaluate of workload {self.config.workload!r} failed: "
+                f"{type(exc).__name__}: {exc}{where}; rounds before {round_num} are checkpointed in {self.run.root}: "
+                f"after fixing the cause continue with `fedaqt run --resume {self.run.root}`"
+            ) from exc
 
     def should_evaluate(self, rnd: int) -> bool:
         every = self.config.eval_every or self.workload.default_eval_every
         return rnd == 1 or rnd == self.config.rounds or rnd % every == 0
 
-    def run_rounds(self, grid: Any) -> dict[str, Any]:
+    def max_examples_per_reply(self) -> int:
+        """The most examples a client is asked to process in one round: one batch (FedSGD) or ``local_steps``
+        batches (FedAvg) of ``batch_size``; a reply claiming more is rejected."""
         cfg = self.config
+        return int(cfg.batch_size * (1 if cfg.algorithm == "fedsgd" else cfg.local_steps))
+
+    def run_rounds(self, grid: Any) -> dict[str, Any]:
+        """Run rounds ``start_round..config.rounds``; returns the summary (see :meth:`finish`).
+
+        Per round: configure, ``send_and_receive`` with ``options.round_timeout`` seconds (default 3600), validate
+        and aggregate, record a ``timeout`` clients.csv row for every sampled client that did not answer in time,
+        then refuse an aggregated model that is not finite (old model and strategy state kept, rounds.csv
+        ``update_rejected`` = 1, reason logged and listed in the summary's ``rejected_updates``).
+
+        Raises:
+            RunAborted: ``options.max_nonfinite_rounds`` (default 3) rounds produced a non-finite model, or the
+                server-side evaluation failed; every round before is checkpointed and the message says how to resume.
+        """
+        cfg = self.config
+        timeout = float(cfg.options.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
+        max_bad = int(cfg.options.get("max_nonfinite_rounds", DEFAULT_MAX_NONFINITE_ROUNDS))
+        self.strategy.max_examples = self.max_examples_per_reply()
         train_config = ConfigRecord({"run-config": json.dumps(cfg.to_dict(), sort_keys=True)})
         for rnd in range(self.start_round, cfg.rounds + 1):
             t0 = time.perf_counter()
             messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(dict(train_config)), grid))
-            replies = list(grid.send_and_receive(messages, timeout=float(cfg.options.get("round_timeout", 3600))))
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            sim_backend.abandon_before(time.time())  # Ray backend: kill what this round still runs (timeouts)
             replies = self.in_partition_order(replies)
+            before = strategy_state(self.strategy)  # restored if the aggregated model is not finite
             new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
             self.record_nodes(replies)
+            self.record_timeouts(rnd, messages, replies, timeout)
+            rejected = ""
             if new_arrays is not None:
-                self.arrays = self.as_model_dtypes(new_arrays)
+                rejected = self.nonfinite_reason(new_arrays)
+                if rejected:
+                    restore_strategy_state(self.strategy, before)
+                    self.rejected_updates.append({"round": rnd, "reason": rejected})
+                    log.error("round %d: the aggregated model is not finite (%s); the global model is unchanged", rnd, rejected)
+                else:
+                    self.arrays = self.as_model_dtypes(new_arrays)
             else:
                 log.warning("round %d: no client update was aggregated; the global model is unchanged", rnd)
             stats = dict(self.strategy.last_round_stats)
@@ -373,6 +434,7 @@ class Server:
                 "bytes_up": int(stats.pop("bytes_up", 0)),
                 "clients_ok": int(stats.pop("clients_ok", 0)),
                 "clients_sampled": len(messages),
+                "update_rejected": int(bool(rejected)),
             }
             row.update(stats)
             if self.should_evaluate(rnd):
@@ -384,7 +446,44 @@ class Server:
             self.history.append(row)
             if self.progress:
                 self.progress(rnd, row)
+            if len(self.rejected_updates) >= max_bad:
+                self.finish()
+                raise RunAborted(
+                    f"round {rnd}: the aggregated model was not finite in {len(self.rejected_updates)} rounds "
+                    f"(max_nonfinite_rounds={max_bad}; last: {rejected or self.rejected_updates[-1]['reason']}); "
+                    f"the model of the last finite round is checkpointed in {self.run.root}: inspect clients.csv, "
+                    f"then continue with `fedaqt run --resume {self.run.root}`"
+                )
         return self.finish()
+
+    def nonfinite_reason(self, arrays: ArrayRecord) -> str:
+        """'' when every aggregated parameter and float buffer is finite, else which key is not (and how)."""
+        for k, a in arrays.items():
+            v = np.asarray(a.numpy())
+            if v.dtype.kind in "fc" and not np.isfinite(v).all():
+                return f"{k}: {int(np.isnan(v).sum())} NaN, {int(np.isinf(v).sum())} inf of {v.size} values"
+        for k, v in self.strategy.buffers.items():
+            v = np.asarray(v)
+            if v.dtype.kind in "fc" and not np.isfinite(v).all():
+                return f"buffer {k}: not finite"
+        return ""
+
+    def record_timeouts(self, rnd: int, messages: list[Any], replies: list[Any], timeout: float) -> None:
+        """Add a ``timeout`` row to the round's clients.csv rows for every message without a reply."""
+        answered = {int(m.metadata.src_node_id) for m in replies}
+        rows = list(self.strategy.last_client_rows)
+        part = getattr(self.strategy, "partition_of", {}) or {}
+        for msg in messages:
+            node = int(msg.metadata.dst_node_id)
+            if node in answered:
+                continue
+            row = ClientRow(round=rnd, client_id=int(part.get(node, -1)), node_id=node, status="timeout",
+                            error=f"no reply within round_timeout={timeout:g} s")
+            row.extra["ray_node_id"] = ""
+            rows.append(row)
+            log.warning("round %d: client %d timeout: no reply within %g s", rnd, row.client_id, timeout)
+        rows.sort(key=lambda r: (r.client_id, r.node_id))
+        self.strategy.last_client_rows = rows
 
     def as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` cast to the float model's parameter dtypes (Flower's FedAdam/FedYogi/FedAdagrad return
@@ -429,8 +528,8 @@ class Server:
     def finish(self) -> dict[str, Any]:
         import pandas as pd
 
-        rounds = pd.read_csv(self.run.rounds.path)
-        clients = pd.read_csv(self.run.clients.path)
+        rounds = _read_csv(pd, self.run.rounds.path, ("round", "bytes_down", "bytes_up", "seconds"))
+        clients = _read_csv(pd, self.run.clients.path, ("round", "status"))
         summary: dict[str, Any] = {
             "rounds_completed": int(rounds["round"].max()) if len(rounds) else 0,
             "config": self.config.to_dict(),
@@ -442,6 +541,7 @@ class Server:
             "total_bytes_down": int(rounds["bytes_down"].sum()),
             "total_bytes_up": int(rounds["bytes_up"].sum()),
             "wall_seconds": float(rounds["seconds"].sum()),
+            "rejected_updates": list(self.rejected_updates),
         }
         evals = rounds.dropna(subset=[c for c in self.workload.eval_columns[:1] if c in rounds])
         if len(evals):
@@ -452,6 +552,13 @@ class Server:
                     summary[f"final_{col}"] = _num(last.get(col))
         write_json_atomic(self.run.summary_path, summary)
         return summary
+
+
+def _read_csv(pd: Any, path: Path, columns: tuple[str, ...]) -> Any:
+    """The CSV as a DataFrame; an empty one with ``columns`` when the file does not exist yet (no row written)."""
+    if not Path(path).exists():
+        return pd.DataFrame({c: [] for c in columns})
+    return pd.read_csv(path)
 
 
 def _num(v: Any) -> float | None:
@@ -475,9 +582,12 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server = Server(config, run_dir, progress, resume=resume)
-        summary = server.run_rounds(grid)
-        if result is not None:
-            result["summary"] = summary
+        try:
+            server = Server(config, run_dir, progress, resume=resume)
+            summary = server.run_rounds(grid)
+            if result is not None:
+                result["summary"] = summary
+        finally:
+            sim_backend.stop()  # end hung clients now, so run_simulation returns and Ray is torn down
 
     return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ def preflight(config: RunConfig) -> RunConfig:
         raise ConfigError(
             f"strategy {config.strategy!r} needs algorithm={plugin.algorithm!r}, got {config.algorithm!r}"
         )
+    validate_round_options(config)
     if config.device_profile:
         from fedaqt.sim.devices import validate_device_profile
 
@@ -64,6 +66,27 @@ def preflight(config: RunConfig) -> RunConfig:
             raise
         raise ConfigError(f"invalid configuration for workload {config.workload!r} / strategy {config.strategy!r}: {exc}") from exc
     return config
+
+
+def validate_round_options(config: RunConfig) -> None:
+    """Check the fault-handling options (``-o KEY=VALUE``): ``round_timeout`` (seconds the server waits for a
+    round's replies, a finite number > 0) and ``max_nonfinite_rounds`` (rounds whose aggregated model may be
+    non-finite before the run stops, an integer >= 1).
+
+    Raises:
+        ConfigError: naming the key and the bad value.
+    """
+    opts = config.options
+    if "round_timeout" in opts:
+        v = opts["round_timeout"]
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+        if not ok:
+            raise ConfigError(f"options.round_timeout={v!r} must be a finite number of seconds > 0")
+    if "max_nonfinite_rounds" in opts:
+        v = opts["max_nonfinite_rounds"]
+        ok = not isinstance(v, bool) and isinstance(v, int) and v >= 1
+        if not ok:
+            raise ConfigError(f"options.max_nonfinite_rounds={v!r} must be an integer >= 1")
 
 
 def check_ray_address(address: str, timeout: float = 3.0) -> None:
@@ -325,15 +348,22 @@ def _run(config: RunConfig, run: RunDir, progress: Any, resume: bool, done: int)
     result: dict[str, Any] = {}
     server_app = make_server_app(config, run.root, progress, result, resume=resume)
     interrupted = False
+    failure: BaseException | None = None
+    from fedaqt.sim import backend as sim_backend
+
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=config.num_clients,
-            backend_config=backend_config(config),
-        )
+        # our Ray backend replaces dead actors and ends hung clients (see fedaqt.sim.backend for why)
+        with sim_backend.installed():
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=config.num_clients,
+                backend_config=backend_config(config),
+            )
     except KeyboardInterrupt:
         interrupted = True
+    except Exception as exc:  # noqa: BLE001 - reported in one line below, chained
+        failure = exc
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -344,31 +374,61 @@ def _run(config: RunConfig, run: RunDir, progress: Any, resume: bool, done: int)
         if restored:
             log.warning("the run stopped before its first checkpoint; restored the earlier run's %s in %s",
                         ", ".join(restored), run.root)
-        _stop_unfinished(run.root, interrupted)
+        _stop_unfinished(run.root, interrupted, failure)
     return result["summary"]
 
 
-def _stop_unfinished(run_dir: Path, interrupted: bool) -> None:
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost chained exception (Flower wraps the ServerApp's in RuntimeErrors)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            break
+        from fedaqt.server.app import RunAborted
+
+        if isinstance(exc, RunAborted):
+            break
+        exc = nxt
+    return exc
+
+
+def _stop_unfinished(run_dir: Path, interrupted: bool, failure: BaseException | None = None) -> None:
     """The simulation ended before its last round (Ctrl-C or a failure).
 
-    Flower's ServerApp thread may still wait in ``send_and_receive`` for replies that will never come (up to the
-    round timeout); it is not a daemon thread, so the interpreter would hang at exit. Say how to resume and end
-    the process without waiting for it.
+    Prints one line naming the cause (the server's :class:`fedaqt.server.app.RunAborted` message, else the
+    innermost exception) and the ``--resume`` command. Flower's ServerApp thread may still wait in
+    ``send_and_receive`` for replies that will never come (up to the round timeout); it is not a daemon thread, so
+    the interpreter would hang at exit: then the process ends without waiting for it.
+
+    Raises:
+        KeyboardInterrupt: after Ctrl-C; RuntimeError otherwise (chained to the failure).
     """
     import sys
     import threading
 
-    why = "was interrupted" if interrupted else "stopped before completing its rounds (see the log above)"
-    msg = (f"the run {why}; every completed round is checkpointed in {run_dir}: "
-           f"continue with `fedaqt run --resume {run_dir}`")
+    from fedaqt.server.app import RunAborted
+
+    cause = _root_cause(failure) if failure is not None else None
+    if isinstance(cause, RunAborted):
+        msg = str(cause)
+    else:
+        why = "was interrupted" if interrupted else "stopped before completing its rounds"
+        if cause is not None:
+            why += f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''})"
+        elif not interrupted:
+            why += " (see the log above)"
+        msg = (f"the run {why}; every completed round is checkpointed in {run_dir}: "
+               f"continue with `fedaqt run --resume {run_dir}`")
+    print(f"error: {msg}", file=sys.stderr, flush=True)
     waiting = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
     if waiting:
-        print(f"error: {msg}", file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(130 if interrupted else 1)
     if interrupted:
         raise KeyboardInterrupt(msg)
-    raise RuntimeError(msg)
+    raise RuntimeError(msg) from failure
 
 
 def _quiet_flower() -> None:

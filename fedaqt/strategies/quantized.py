@@ -20,6 +20,7 @@ is specific to quantized federated training and reuses Flower's classes for the 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -30,6 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import MessageType
 
 from fedaqt.quant.uplink import decode_update
+from fedaqt.quant.quantize import qmax
 from fedaqt.quant.wire import QTensor, decode_broadcast, encode_broadcast, record_nbytes
 
 log = logging.getLogger("fedaqt.strategy")
@@ -62,6 +64,8 @@ class BroadcastSpec:
     param_shapes: dict[str, tuple[int, ...]]
     buffer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     update_kind: str = "gradient"
+    #: quantized-layer keys a FedAvg final-codes reply must name (None: not checked)
+    final_code_keys: frozenset[str] | None = None
 
     def expected_update_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**self.param_shapes, **self.buffer_shapes}
@@ -158,43 +162,81 @@ class QuantizedMixin:
 
     # ------------------------------------------------------------------ aggregation
     def validate_reply(self, msg: Message, server_round: int) -> tuple[ClientRow, dict[str, torch.Tensor] | None, int]:
-        """Check one reply; returns its clients.csv row and, if accepted, the decoded float update and n_k."""
+        """Check one reply completely; returns its clients.csv row and, if accepted, the decoded float update
+        (``{key: float32 tensor}`` shaped as :meth:`BroadcastSpec.expected_update_shapes`) and its weight n_k.
+
+        Never raises for a bad reply: a Flower error or a client-side error record gives status ``error`` (a
+        Ray actor that died gives ``died``); a malformed reply gives ``rejected`` with the reason in ``error``;
+        an over-budget one ``over_budget``. Checked: the metrics record (``num-examples`` an integer in
+        ``[1, max_examples]``, ``partition-id`` the partition the server assigned to that node, ``train_loss`` and
+        (optional) ``seconds`` finite reals, ``seconds >= 0``; other metric keys scalar and not named like a clients.csv
+        column), the update arrays (decodable ``.npy`` with the expected keys/shapes/dtypes, finite), and the
+        FedAvg final-codes metadata (format, keys, codes within the run's bit-width).
+        """
         node = msg.metadata.src_node_id
-        row = ClientRow(round=server_round, client_id=self.partition_of.get(node, -1), node_id=node)
+        assigned = self.partition_of.get(node, -1)
+        row = ClientRow(round=server_round, client_id=assigned, node_id=node)
         if msg.has_error():
-            row.status, row.error = "error", str(msg.error.reason)[:500]
+            reason = str(msg.error.reason)
+            row.status = "died" if CLIENT_DIED_MARK in reason else "error"
+            row.error = reason[:500]
             return row, None, 0
-        content = msg.content
-        metrics = content.metric_records.get(METRICS_KEY)
-        if metrics is None:
-            row.status, row.error = "rejected", f"reply has no MetricRecord {METRICS_KEY!r}"
+        try:
+            return self._validate_content(msg.content, row, assigned)
+        except Exception as exc:  # noqa: BLE001 - a reply must never crash the round
+            row.status, row.error = "rejected", f"{type(exc).__name__}: {exc}"[:500]
             return row, None, 0
-        row.client_id = int(metrics.get("partition-id", row.client_id))
-        row.num_examples = int(metrics.get("num-examples", 0))
-        row.train_loss = float(metrics.get("train_loss", float("nan")))
-        row.seconds = float(metrics.get("seconds", float("nan")))
-        row.extra = {k: v for k, v in metrics.items() if k not in ("partition-id", "num-examples", "train_loss", "seconds")}
+
+    def _validate_content(self, content: RecordDict, row: ClientRow,
+                          assigned: int) -> tuple[ClientRow, dict[str, torch.Tensor] | None, int]:
+        def reject(reason: str) -> tuple[ClientRow, None, int]:
+            row.status, row.error = "rejected", reason[:500]
+            return row, None, 0
+
         if ERROR_KEY in content.config_records:
             row.status, row.error = "error", str(content.config_records[ERROR_KEY].get("error", ""))[:500]
             return row, None, 0
+        metrics = content.metric_records.get(METRICS_KEY)
+        if metrics is None:
+            return reject(f"reply has no MetricRecord {METRICS_KEY!r}")
+        try:
+            pid = _int_metric(metrics, "partition-id")
+            if assigned >= 0 and pid != assigned:
+                raise ValueError(f"partition-id={pid} but the server assigned partition {assigned} to this node")
+            row.client_id = pid
+            row.num_examples = _int_metric(metrics, "num-examples")
+            row.train_loss = _real_metric(metrics, "train_loss")
+            if "seconds" in metrics:  # optional (wall time, informative); when present a finite number >= 0
+                row.seconds = _real_metric(metrics, "seconds")
+        except ValueError as exc:
+            return reject(str(exc))
+        if row.num_examples <= 0:
+            return reject(f"num-examples={row.num_examples} must be positive")
+        limit = getattr(self, "max_examples", None)
+        if limit is not None and row.num_examples > limit:
+            return reject(f"num-examples={row.num_examples} exceeds the {limit} examples the client was asked to process")
+        if row.seconds < 0:
+            return reject(f"seconds={row.seconds} must be >= 0")
+        extra = {}
+        for k, v in metrics.items():
+            if k in _METRIC_FIELDS:
+                continue
+            if k in RESERVED_CLIENT_COLUMNS:
+                return reject(f"metric key {k!r} collides with the clients.csv column of that name")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return reject(f"metric {k!r}={v!r} must be a scalar int or float")
+            extra[k] = v
+        row.extra = extra
         update_rec = content.array_records.get(UPDATE_KEY)
         if update_rec is None:
-            row.status, row.error = "rejected", f"reply has no ArrayRecord {UPDATE_KEY!r}"
-            return row, None, 0
+            return reject(f"reply has no ArrayRecord {UPDATE_KEY!r}")
         row.bytes_up = record_nbytes(update_rec)
         try:
             update = decode_update(update_rec, self.spec.expected_update_shapes())
             if UPDATE_META_KEY in content.config_records:
-                update = self.form_final_code_deltas(update, content.config_records[UPDATE_META_KEY])
+                update = self.form_final_code_deltas(update, content.config_records[UPDATE_META_KEY], update_rec)
         except ValueError as exc:
-            row.status, row.error = "rejected", str(exc)[:500]
-            return row, None, 0
-        if row.num_examples <= 0:
-            row.status, row.error = "rejected", f"num-examples={row.num_examples} must be positive"
-            return row, None, 0
-        if not np.isfinite(row.train_loss):
-            row.status, row.error = "rejected", f"train_loss={row.train_loss} is not finite"
-            return row, None, 0
+            return reject(str(exc))
         if self.budget_fn is not None:
             reason = self.budget_fn(row.client_id, content)
             if reason:
@@ -202,15 +244,45 @@ class QuantizedMixin:
                 return row, None, 0
         return row, update, row.num_examples
 
-    def form_final_code_deltas(self, update: dict[str, torch.Tensor], meta: ConfigRecord) -> dict[str, torch.Tensor]:
+    def form_final_code_deltas(self, update: dict[str, torch.Tensor], meta: ConfigRecord,
+                               raw: ArrayRecord | None = None) -> dict[str, torch.Tensor]:
         """FedAvg final-codes upload: ``delta_k = s_T q_T - s_0 q_0`` for the keys the reply names, ``s_0 q_0``
-        being what this round broadcast. Raises ValueError for an unknown format or a key not sent quantized."""
+        being what this round broadcast.
+
+        ``meta["keys"]`` must list each key once and exactly the quantized-layer keys the server expects
+        (:attr:`BroadcastSpec.final_code_keys`, when set); with ``raw`` (the reply's ArrayRecord) each named key
+        must be int8 codes within ``[-t_b, t_b]`` of the run's bit-width ``b`` (7 for 4 bits, 127 for 8).
+
+        Raises:
+            ValueError: an unknown format, final codes that were not requested, a malformed/duplicated/missing
+                key, a key not sent quantized, or codes outside the bit-width (the message names the key).
+        """
         if str(meta.get("format", "")) != FINAL_CODES_FORMAT:
             raise ValueError(f"unknown update format {meta.get('format')!r} (expected {FINAL_CODES_FORMAT!r})")
+        if not self.sent_dequantized:
+            raise ValueError("final codes in a reply to a round that did not request them")
+        keys = meta.get("keys", [])
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"final-codes keys must be a list of strings, got {keys!r}")
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"{dup[0]}: listed more than once in the final-codes keys")
+        want = self.spec.final_code_keys
+        if want is not None:
+            missing = sorted(set(want) - set(keys))
+            if missing:
+                raise ValueError(f"{missing[0]}: quantized layer missing from the final-codes keys")
+        t = qmax(self.spec.bits) if self.spec.bits < 32 else 127
         out = dict(update)
-        for k in [str(k) for k in meta.get("keys", [])]:
+        for k in keys:
             if k not in self.sent_dequantized or k not in out:
                 raise ValueError(f"{k}: final codes for a tensor that was not broadcast quantized this round")
+            if raw is not None:
+                codes = raw[k].numpy()
+                if codes.dtype != np.int8:
+                    raise ValueError(f"{k}: final codes must be int8, got {codes.dtype}")
+                if codes.size and int(np.abs(codes.astype(np.int16)).max()) > t:
+                    raise ValueError(f"{k}: final codes outside [-{t}, {t}] for {self.spec.bits}-bit weights")
             out[k] = out[k] - self.sent_dequantized[k].to(out[k].dtype)
         return out
 
@@ -262,3 +334,35 @@ class QuantizedMixin:
             }
         )
         return arrays, metrics
+
+
+#: the metrics of a reply that become fixed clients.csv columns
+_METRIC_FIELDS = ("partition-id", "num-examples", "train_loss", "seconds")
+#: clients.csv columns a reply's extra metrics may not overwrite
+RESERVED_CLIENT_COLUMNS = frozenset(f.name for f in ClientRow.__dataclass_fields__.values() if f.name != "extra") | {
+    "ray_node_id", "client_id", "num_examples"}
+#: marker in the Flower error reason of a client whose Ray actor died (see :mod:`fedaqt.sim.backend`)
+CLIENT_DIED_MARK = "ClientActorDied"
+
+
+def _int_metric(metrics: MetricRecord, key: str) -> int:
+    """``metrics[key]`` as an int; raises ValueError naming the key for a missing, list, bool, non-finite or
+    fractional value."""
+    if key not in metrics:
+        raise ValueError(f"metrics have no {key!r}")
+    v = metrics[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{key}={v!r} must be an integer")
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        raise ValueError(f"{key}={v!r} must be an integer")
+    return int(v)
+
+
+def _real_metric(metrics: MetricRecord, key: str) -> float:
+    """``metrics[key]`` as a finite float; raises ValueError naming the key otherwise."""
+    if key not in metrics:
+        raise ValueError(f"metrics have no {key!r}")
+    v = metrics[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise ValueError(f"{key}={v!r} must be a finite number")
+    return float(v)
