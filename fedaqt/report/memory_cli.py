@@ -126,8 +126,9 @@ def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
         "server-round": int(spec.get("round", 1)),
         ACCEPT_FINAL_CODES: True,
     })
-    reply = handle_train(RecordDict({BROADCAST_KEY: arrays, QUANT_META_KEY: meta, CONFIG_KEY: train_cfg}),
-                         profile=True)
+    content = RecordDict({BROADCAST_KEY: arrays, QUANT_META_KEY: meta, CONFIG_KEY: train_cfg})
+    del arrays  # the client owns the received broadcast and frees it as it decodes
+    reply = handle_train(content, profile=True, release_broadcast=True)
     if ERROR_KEY in reply.config_records:
         raise RuntimeError(str(reply.config_records[ERROR_KEY]["error"]))
     m = dict(reply.metric_records[METRICS_KEY])
@@ -141,6 +142,11 @@ def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
     }
     for c in _categories():
         row[c] = float(m[c])
+    from fedaqt.client.memory import SAVED_GROUPS
+
+    row["train_peak_mib"] = float(m["train_peak_mib"])
+    for g in SAVED_GROUPS:
+        row[f"saved_{g}_mib"] = float(m[f"saved_{g}_mib"])
     row.update({
         "rss_peak_mib": float(m["rss_peak_mib"]),
         "upload_mib": float(m["upload_bytes"]) / 2**20,
