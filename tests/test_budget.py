@@ -182,3 +182,29 @@ def test_missing_device_profile_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         validate_device_profile(cfg)
     assert validate_device_profile(RunConfig()) is None
+
+
+def test_budget_between_training_peak_and_true_peak_rejects(tmp_path):
+    """Issue 9 item 2: the budget is checked against the whole round's peak (received broadcast + reply
+    included), not the training-only peak that ``peak_mib`` used to report. A device whose budget lies between
+    the two is over budget."""
+    from _rss_round import content_for
+
+    from fedaqt.client.app import handle_train
+
+    cfg = config(tmp_path / "m", 32)
+    content = content_for(cfg, WideWorkload(cfg))
+    received = sum(len(a.data) for a in content["arrays"].values()) / 2**20
+    m = dict(handle_train(content, profile=True)["metrics"])
+    # the old peak_mib: tensors of the training only (train_peak_mib also counts the broadcast held meanwhile)
+    old, true = m["train_peak_mib"] - received, m["peak_mib"]
+    assert true > 1.4 * old, (old, true)  # the held broadcast (3 MiB) and the reply are real memory
+    between = (old + true) / 2
+    csv = tmp_path / "devices.csv"
+    csv.write_text("client_id,memory_mib\n" + "".join(f"{i},{between:.6f}\n" for i in range(N_CLIENTS)))
+    run_dir = tmp_path / "run"
+    Server(config(run_dir, 32, csv), run_dir).run_rounds(FakeGrid(N_CLIENTS))
+    clients = pd.read_csv(run_dir / "clients.csv")
+    assert (clients.status == "over_budget").all(), clients[["client_id", "status", "error"]]
+    assert (clients.train_peak_mib - received < between).all() and (clients.peak_mib > between).all()
+    assert clients.error.str.match(r"peak \d+\.\d MiB > budget [\d.]+ MiB").all()
