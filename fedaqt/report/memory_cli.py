@@ -7,7 +7,8 @@ model, and :func:`fedaqt.client.app.handle_train` trains client 0 on round 1's b
 MemTracker profile on (:mod:`fedaqt.client.memory`). FedAvg combinations assume a server that accepts final codes.
 
 Output: ``OUT/memory.csv`` (columns ``workload, bits, uplink_bits, algorithm, checkpointing, peak_mib``, one
-``mem_<category>_mib`` per category, then ``ratio`` (peak / reference peak), ``rss_peak_mib``, ``upload_mib``,
+``mem_<category>_mib`` per category (``wire``: message bytes), then ``ratio`` (peak / reference peak),
+``train_peak_mib`` (training part only), ``saved_<dtype>_mib`` (saved for backward), ``rss_peak_mib``, ``upload_mib``,
 ``model_size``, ``batch_size``, ``num_parameters``, ``seconds``), ``OUT/memory.png`` (stacked bars per category)
 and a table on the terminal. The reference row is the 32-bit, no-checkpointing row (float32 uplink and the first
 algorithm preferred); when it was not requested the first row is the reference and the table says so.
@@ -248,12 +249,14 @@ def rich_table(rows: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    for c in ["bits", "uplink", "algorithm", "ckpt", "peak MiB", "ratio"] + [c[4:-4] for c in _categories()] + \
-            ["RSS MiB", "upload MiB", "dominant"]:
+    for c in ["bits", "uplink", "algorithm", "ckpt", "peak MiB", "ratio", "train MiB"] + \
+            [c[4:-4] for c in _categories()] + ["saved f32/i8", "RSS MiB", "upload MiB", "dominant"]:
         t.add_column(c, justify="left" if c in ("algorithm", "dominant") else "right")
     for r in rows:
+        saved = f"{r.get('saved_float32_mib', 0.0):.1f}/{r.get('saved_int8_mib', 0.0):.1f}"
         t.add_row(str(r["bits"]), str(r["uplink_bits"]), r["algorithm"], r["checkpointing"], f"{r['peak_mib']:.1f}",
-                  f"{r['ratio']:.3f}", *[f"{r[c]:.1f}" for c in _categories()], f"{r['rss_peak_mib']:.0f}",
+                  f"{r['ratio']:.3f}", f"{r.get('train_peak_mib', r['peak_mib']):.1f}",
+                  *[f"{r[c]:.1f}" for c in _categories()], saved, f"{r['rss_peak_mib']:.0f}",
                   f"{r['upload_mib']:.1f}", dominant(r))
     return t
 
