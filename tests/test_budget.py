@@ -75,10 +75,14 @@ def config(tmp_path, bits, profile="", uplink_bits=32, **kw):
 
 
 def measured_peak(tmp_path, bits, uplink_bits):
+    """The whole-round peak a client reports to the server (``handle_train`` as FakeGrid calls it: the broadcast
+    stays with the caller, so it is counted for the whole round)."""
+    from _rss_round import content_for
+
+    from fedaqt.client.app import handle_train
+
     cfg = config(tmp_path / f"peak{bits}", bits, uplink_bits=uplink_bits)
-    wl = WideWorkload(cfg)
-    model = build_client_model(wl, cfg)
-    return client_round(wl, model, cfg, client_id=0, round_num=1, profile=True).metrics["peak_mib"]
+    return float(handle_train(content_for(cfg, WideWorkload(cfg)), profile=True)["metrics"]["peak_mib"])
 
 
 @pytest.mark.parametrize("uplink_bits", [32, 8])
@@ -115,7 +119,7 @@ def test_budget_admits_int8_but_not_fp32_clients(tmp_path, uplink_bits):
     assert reason.startswith("peak ") and "> budget" in reason
     # every reply carried its measured profile; the categories sum to the peak
     cats = [c for c in clients.columns if c.startswith("mem_")]
-    assert len(cats) == 7
+    assert len(cats) == 8  # 7 tensor categories + wire (message bytes, issue 9 item 2)
     np.testing.assert_allclose(clients[cats].sum(axis=1), clients.peak_mib, rtol=1e-9)
     assert (clients.peak_mib > 0).all() and (clients.rss_peak_mib > 0).all()
     status_counts = json.loads((tmp_path / "run8" / "summary.json").read_text())["client_status_counts"]
