@@ -198,7 +198,7 @@ def test_peak_counts_broadcast_model_and_reply_once(bits, uplink_bits):
         assert peak <= state + received + upload + 2 * largest + 0.5 * MIB
     assert m["mem_params_mib"] * MIB + m["mem_buffers_mib"] * MIB == state  # at the peak the model is all there
     assert m["mem_wire_mib"] * MIB >= received
-    assert m["train_peak_mib"] < m["peak_mib"]
+    assert m["train_peak_mib"] <= m["peak_mib"]  # equal for 8 bits: the peak is in backward
 
 
 def test_released_broadcast_is_freed_before_training():
