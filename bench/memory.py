@@ -4,12 +4,26 @@ Every cell is one FedSGD client round of the ASR Conformer (``--model-size large
 measured with MemTracker in a fresh process (``fedaqt.report.memory_cli``), all in one run:
 
 * "float upload": the client uploads its gradient as a float, like the dissertation (float32; float16 for the
-  float16 model) -- this reproduces its int8 ~0.64x of float32;
+  float16 model);
 * "int8 upload": the gradient of every layer is encoded to int8 (unbiased stochastic rounding) as soon as it is
   produced and the float gradient is dropped (``--uplink-bits 8``).
 
 Savings and ratios are relative to the fp32 / float-upload client. The seed's numbers (Table 3.2, unit KB per
 spec §2.5) are printed next to them. This prints ratios; it asserts nothing.
+
+What is and is not comparable with the seed. The dissertation (seed text, §3 "To demonstrate the memory
+efficiency...") ran "the real training process with fake gradients": the quantized broadcast (int8 codes + float
+scales) was real, but instead of computing the gradient of the int8 variables each client generated *empty
+gradients* as its update (spec METHODS.md, Table 3.2 "measured with fake/empty gradients"). Its absolute values
+(734188 KB = 717 MiB for float32) are far above the tensor memory of the model (139 MiB for the large
+Conformer in float32), so they include the runtime; the ratio int8/float32 = 0.64 is a ratio of those totals.
+Not comparable: fedaqt computes the real gradients (the ``grads``/``temps`` categories and the encoded upload
+do not exist in the seed's measurement), and its ``peak_mib`` is tensor + message bytes without the runtime
+(the runtime is in ``rss_peak_mib``, ~1 GiB here with torch and Flower loaded). Roughly comparable: the model and
+message part, i.e. ``params + buffers + wire`` of the float-upload rows (model + received broadcast + a float
+update of the model's size, which is what an empty float gradient upload costs). That this bench's float-upload
+int8 row also lands near 0.64x is a consequence of the float32 reply dominating both rows, not a reproduction of
+the seed's measurement; the int8-upload rows are fedaqt's own design and have no counterpart in the seed.
 
 Usage: ``python bench/memory.py [--model-size large] [--batch-size 2] [--no-checkpointing] [--out DIR]``
 """

@@ -75,10 +75,14 @@ def config(tmp_path, bits, profile="", uplink_bits=32, **kw):
 
 
 def measured_peak(tmp_path, bits, uplink_bits):
+    """The whole-round peak a client reports to the server (``handle_train`` as FakeGrid calls it: the broadcast
+    stays with the caller, so it is counted for the whole round)."""
+    from _rss_round import content_for
+
+    from fedaqt.client.app import handle_train
+
     cfg = config(tmp_path / f"peak{bits}", bits, uplink_bits=uplink_bits)
-    wl = WideWorkload(cfg)
-    model = build_client_model(wl, cfg)
-    return client_round(wl, model, cfg, client_id=0, round_num=1, profile=True).metrics["peak_mib"]
+    return float(handle_train(content_for(cfg, WideWorkload(cfg)), profile=True)["metrics"]["peak_mib"])
 
 
 @pytest.mark.parametrize("uplink_bits", [32, 8])
@@ -115,7 +119,7 @@ def test_budget_admits_int8_but_not_fp32_clients(tmp_path, uplink_bits):
     assert reason.startswith("peak ") and "> budget" in reason
     # every reply carried its measured profile; the categories sum to the peak
     cats = [c for c in clients.columns if c.startswith("mem_")]
-    assert len(cats) == 7
+    assert len(cats) == 8  # 7 tensor categories + wire (message bytes, issue 9 item 2)
     np.testing.assert_allclose(clients[cats].sum(axis=1), clients.peak_mib, rtol=1e-9)
     assert (clients.peak_mib > 0).all() and (clients.rss_peak_mib > 0).all()
     status_counts = json.loads((tmp_path / "run8" / "summary.json").read_text())["client_status_counts"]
@@ -182,3 +186,37 @@ def test_missing_device_profile_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         validate_device_profile(cfg)
     assert validate_device_profile(RunConfig()) is None
+
+
+def test_budget_between_training_peak_and_true_peak_rejects(tmp_path):
+    """Issue 9 item 2: the budget is checked against the whole round's peak (received broadcast + reply
+    included), not the training-only peak that ``peak_mib`` used to report. A device whose budget lies between
+    the two is over budget."""
+    from _rss_round import content_for
+
+    from fedaqt.client.app import handle_train
+
+    cfg = config(tmp_path / "m", 32)
+    content = content_for(cfg, WideWorkload(cfg))
+    received = sum(len(a.data) for a in content["arrays"].values()) / 2**20
+    reply = handle_train(content, profile=True)
+    m = dict(reply["metrics"])
+    model = WideNet()
+    # independent lower bound of the true peak: at the end of the reply's serialization the model, the
+    # broadcast (held by the caller) and the reply's bytes all exist
+    state = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    sent = sum(len(a.data) for a in reply["arrays"].values()) / 2**20
+    true_lower = state + received + sent
+    # the old peak_mib: tensors of the training only (train_peak_mib also counts the broadcast held meanwhile)
+    old = m["train_peak_mib"] - received
+    assert old < state + sent + 0.5  # model + float32 upload + ~0.1 MiB of activations
+    between = state + sent + received / 2
+    assert old < between < true_lower <= m["peak_mib"]
+    csv = tmp_path / "devices.csv"
+    csv.write_text("client_id,memory_mib\n" + "".join(f"{i},{between:.6f}\n" for i in range(N_CLIENTS)))
+    run_dir = tmp_path / "run"
+    Server(config(run_dir, 32, csv), run_dir).run_rounds(FakeGrid(N_CLIENTS))
+    clients = pd.read_csv(run_dir / "clients.csv")
+    assert (clients.status == "over_budget").all(), clients[["client_id", "status", "error"]]
+    assert (clients.train_peak_mib - received < between).all() and (clients.peak_mib > between).all()
+    assert clients.error.str.match(r"peak \d+\.\d MiB > budget [\d.]+ MiB").all()

@@ -18,14 +18,16 @@ import json
 import logging
 import os
 import traceback
+from typing import Any, Iterator
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedaqt.client.memory import MemoryProbe, profiling_requested
 from fedaqt.client.trainer import client_round, get_client_model, get_workload, load_broadcast
 from fedaqt.config import RunConfig
-from fedaqt.quant.wire import decode_broadcast
+from fedaqt.quant.wire import QTensor, iter_decode_broadcast, record_nbytes
 from fedaqt.sim.nodeinfo import NODEINFO_KEY, reply_nodeinfo
 from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, ERROR_KEY, METRICS_KEY, QUANT_META_KEY, UPDATE_KEY
 
@@ -40,14 +42,24 @@ FINAL_CODES_FORMAT = "final-codes"
 app = ClientApp()
 
 
-def handle_train(content: RecordDict, node_partition: int | None = None, profile: bool | None = None) -> RecordDict:
+def handle_train(content: RecordDict, node_partition: int | None = None, profile: bool | None = None,
+                 release_broadcast: bool = False) -> RecordDict:
     """Process one train message's content and return the reply content (never raises).
+
+    The broadcast is decoded one tensor at a time straight into the model (never a second full copy); with
+    ``release_broadcast`` each received array is deleted from ``content`` once decoded, so the received bytes are
+    freed before training. The reply is serialized tensor by tensor, each upload tensor dropped as soon as its
+    bytes exist. The memory profile (``peak_mib``) spans all of it: received bytes while held, decoding,
+    training, serialized reply (module docstring of :mod:`fedaqt.client.memory`).
 
     Args:
         content: the train message content (broadcast, quant metadata, train config).
         node_partition: fallback partition id (the node's ``partition-id``).
         profile: force (True) or suppress (False) the MemTracker profile; None follows the run config
             (:func:`fedaqt.client.memory.profiling_requested`).
+        release_broadcast: the caller owns ``content`` (a delivered message): free the broadcast arrays as they
+            are decoded. False (in-process callers that share the content): the bytes stay and are counted as
+            held for the whole round.
     """
     cfg_rec = content[CONFIG_KEY]
     pid = int(cfg_rec.get("partition-id", node_partition if node_partition is not None else -1))
@@ -56,36 +68,76 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
         torch.set_num_threads(max(1, int(config.client_num_cpus)))
         workload = get_workload(config)
         model = get_client_model(workload, config)
-        load_broadcast(model, decode_broadcast(content[BROADCAST_KEY], content[QUANT_META_KEY]))
-        final_codes = config.algorithm == "fedavg" and config.bits < 16 and bool(cfg_rec.get(ACCEPT_FINAL_CODES, False))
-        result = client_round(
-            workload,
-            model,
-            config,
-            client_id=pid,
-            round_num=int(cfg_rec["server-round"]),
-            proximal_mu=float(cfg_rec.get("proximal-mu", 0.0)),
-            profile=profile,
-            final_codes=final_codes,
-        )
-        metrics = {"partition-id": pid, "num-examples": result.num_examples, "pid": os.getpid(), **result.metrics}
-        records = {UPDATE_KEY: result.upload.to_array_record(), METRICS_KEY: MetricRecord(metrics)}
+        enabled = profiling_requested(config) if profile is None else bool(profile)
+        arrays = content[BROADCAST_KEY]
+        probe = MemoryProbe(model, enabled)
+        with probe:
+            probe.hold_bytes("broadcast", record_nbytes(arrays))
+            decoded = iter_decode_broadcast(arrays, content[QUANT_META_KEY], release=release_broadcast)
+            load_broadcast(model, _counted(decoded, probe, arrays if release_broadcast else None))
+            del decoded
+            final_codes = (config.algorithm == "fedavg" and config.bits < 16
+                           and bool(cfg_rec.get(ACCEPT_FINAL_CODES, False)))
+            result = client_round(
+                workload,
+                model,
+                config,
+                client_id=pid,
+                round_num=int(cfg_rec["server-round"]),
+                proximal_mu=float(cfg_rec.get("proximal-mu", 0.0)),
+                final_codes=final_codes,
+                probe=probe,
+            )
+            final_code_keys = result.final_code_keys
+            update_record = result.upload.to_array_record(release=True, probe=probe if probe.active else None)
+        metrics = {"partition-id": pid, "num-examples": result.num_examples, "pid": os.getpid(), **result.metrics,
+                   **probe.profile.metrics()}
+        records = {UPDATE_KEY: update_record, METRICS_KEY: MetricRecord(metrics)}
         records[NODEINFO_KEY] = reply_nodeinfo()  # Ray node id + hostname -> clients.csv ray_node_id
-        if result.final_code_keys:
-            records[UPDATE_META_KEY] = ConfigRecord({"format": FINAL_CODES_FORMAT, "keys": result.final_code_keys})
+        if final_code_keys:
+            records[UPDATE_META_KEY] = ConfigRecord({"format": FINAL_CODES_FORMAT, "keys": final_code_keys})
         return RecordDict(records)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which records and skips this client
         log.error("client %s failed: %s", pid, traceback.format_exc())
         return RecordDict(
             {
                 METRICS_KEY: MetricRecord({"partition-id": pid, "num-examples": 0}),
-                ERROR_KEY: ConfigRecord({"error": f"{type(exc).__name__}: {exc}"}),
+                ERROR_KEY: ConfigRecord({"error": error_text(exc)}),
             }
         )
+
+
+def _counted(decoded: Iterator[tuple[str, Any]], probe: MemoryProbe, released: Any) -> Iterator[tuple[str, Any]]:
+    """Pass ``decoded`` items through, counting each decoded tensor while it lives and, when the record is being
+    released (``released`` is the ArrayRecord), the received bytes still held."""
+    for key, value in decoded:
+        if probe.active:
+            probe.track(*([value.codes, value.scale] if isinstance(value, QTensor) else [value]))
+            if released is not None:
+                probe.hold_bytes("broadcast", record_nbytes(released))
+        yield key, value
+        del value
+
+
+def error_text(exc: BaseException, limit: int = 400) -> str:
+    """``"Type: message (at file.py:123 in func)"`` naming the innermost traceback frame; at most ``limit``
+    characters (the message is cut, the location kept)."""
+    where = ""
+    tb = traceback.extract_tb(exc.__traceback__)
+    if tb:
+        f = tb[-1]
+        where = f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name})"
+    head = f"{type(exc).__name__}: {exc}"
+    room = max(20, limit - len(where))
+    if len(head) > room:
+        head = head[: room - 3] + "..."
+    return head + where
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node_partition = context.node_config.get("partition-id")
-    reply = handle_train(msg.content, int(node_partition) if node_partition is not None else None)
+    # the delivered message is this client's own copy: free the broadcast as it is decoded into the model
+    reply = handle_train(msg.content, int(node_partition) if node_partition is not None else None,
+                         release_broadcast=True)
     return Message(content=reply, reply_to=msg)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -45,6 +46,9 @@ from fedaqt.workloads.base import Workload
 
 #: client model bit-widths: 32/8/4 as in ``fedaqt run``; 16 = float16 float model (``fedaqt profile`` only)
 CLIENT_BITS = (32, 16, 8, 4)
+
+#: numpy's ``np.save`` writes a non-file object in chunks of 16 MiB (``numpy.lib.format.write_array``)
+_NPY_WRITE_CHUNK = 16 * 2**20
 
 # Per-process caches: a Ray actor runs many client rounds; the workload (data, features) and the model skeleton
 # are built once per configuration and refilled with each broadcast.
@@ -104,8 +108,9 @@ def get_client_model(workload: Workload, config: RunConfig) -> nn.Module:
     return _MODELS[key]
 
 
-def load_broadcast(model: nn.Module, decoded: dict[str, Any]) -> None:
-    """Fill ``model`` with a decoded broadcast.
+def load_broadcast(model: nn.Module, decoded: Any) -> None:
+    """Fill ``model`` with a decoded broadcast: a dict ``{key: QTensor or tensor}`` or an iterable of
+    ``(key, value)`` pairs (:func:`fedaqt.quant.wire.iter_decode_broadcast`, loaded one at a time).
 
     Quantized keys with a native layer get its codes + scales; quantized keys of layers the workload does not
     convert (e.g. WrapNet's own layers) are dequantized into the float parameter; float tensors are copied.
@@ -118,7 +123,7 @@ def load_broadcast(model: nn.Module, decoded: dict[str, Any]) -> None:
     tensors.update({k: v for k, v in model.named_buffers() if v.is_floating_point() or k not in qlayers})
     covered = set()
     with torch.no_grad():
-        for key, value in decoded.items():
+        for key, value in (decoded.items() if hasattr(decoded, "items") else decoded):
             if isinstance(value, QTensor):
                 if key in qlayers:
                     qlayers[key].load_quantized(value.codes, value.scale)
@@ -287,9 +292,33 @@ class UploadBuffer:
         """Payload bytes of the upload (array data, without the ~128 B ``.npy`` header per array)."""
         return sum(int(v.numel() * v.element_size()) for v in self.tensors().values())
 
-    def to_array_record(self) -> ArrayRecord:
-        """The reply's ArrayRecord (``.npy`` arrays; the serialization copies each tensor once)."""
-        return ArrayRecord({k: Array(np.asarray(v.contiguous().numpy())) for k, v in self.tensors().items()})
+    def to_array_record(self, release: bool = False, probe: Optional[MemoryProbe] = None) -> ArrayRecord:
+        """The reply's ArrayRecord (``.npy`` arrays; the serialization copies each tensor once).
+
+        Args:
+            release: drop each tensor from the buffer as soon as its ``.npy`` bytes exist, so the upload is never
+                held twice (tensors + bytes); the buffer is empty afterwards (``entries == {}``).
+            probe: count the serialized bytes (and the transient of the array being written: its bytes plus
+                numpy's write chunk of at most 16 MiB) as ``wire`` memory named ``"reply"``.
+        """
+        arrays: dict[str, Array] = {}
+        done = 0
+        for key in list(self.entries):
+            entry = self.entries[key]
+            for k in list(entry):
+                v = entry[k]
+                raw = int(v.numel() * v.element_size())
+                if probe is not None:  # while np.save runs: the growing bytes + one write chunk
+                    probe.hold_bytes("reply", done + raw + min(raw, _NPY_WRITE_CHUNK))
+                arrays[k] = Array(np.asarray(v.contiguous().numpy()))
+                done += len(arrays[k].data)
+                if probe is not None:
+                    probe.hold_bytes("reply", done)
+                if release:
+                    del entry[k], v
+            if release:
+                del self.entries[key]
+        return ArrayRecord(arrays)
 
     def decoded(self, sent: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """Float32 values of every entry; final-code entries become deltas when ``sent`` (the dequantized
@@ -363,6 +392,7 @@ def client_round(
     proximal_mu: float = 0.0,
     profile: Optional[bool] = None,
     final_codes: bool = False,
+    probe: Optional[MemoryProbe] = None,
 ) -> RoundResult:
     """Train the already-loaded client ``model`` for one round and encode the upload.
 
@@ -377,10 +407,14 @@ def client_round(
     Args:
         profile: measure memory with MemTracker (None: :func:`fedaqt.client.memory.profiling_requested`).
         final_codes: FedAvg only; the server forms the delta of quantized layers from what it sent.
+        probe: an entered :class:`MemoryProbe` of the caller that spans more than the training (decoding the
+            broadcast, serializing the reply: :func:`fedaqt.client.app.handle_train`); the caller then reads
+            the memory metrics from it after it exits and ``profile`` is ignored. None: the round measures
+            itself (training only, no message bytes).
 
     Returns:
-        RoundResult; ``metrics`` include the memory profile (``rss_peak_mib`` always; ``peak_mib`` and
-        ``mem_<category>_mib`` when profiled).
+        RoundResult; without ``probe``, ``metrics`` include the memory profile (``rss_peak_mib`` always;
+        ``peak_mib``, ``mem_<category>_mib``, ``train_peak_mib``, ``saved_<group>_mib`` when profiled).
 
     Raises:
         RuntimeError: with FedAvg, a quantized layer used twice in one forward pass (its codes change during
@@ -392,9 +426,14 @@ def client_round(
     workload.set_checkpointing(model, config.checkpointing)
     fedsgd = config.algorithm == "fedsgd"
     steps = 1 if fedsgd else config.local_steps
-    batches = workload.client_batches(client_id, round_num, steps, config.batch_size)
-    enabled = profiling_requested(config) if profile is None else bool(profile)
-    probe = MemoryProbe(model, enabled, inputs=_batch_tensors(batches))
+    with (probe.paused() if probe is not None else nullcontext()):  # feature extraction is not the model
+        batches = workload.client_batches(client_id, round_num, steps, config.batch_size)
+    own_probe = probe is None
+    if own_probe:
+        enabled = profiling_requested(config) if profile is None else bool(profile)
+        probe = MemoryProbe(model, enabled, inputs=_batch_tensors(batches))
+    else:
+        probe.track(*_batch_tensors(batches))
     upload = UploadBuffer(config.uplink_bits, uplink_generator(config.seed, client_id, round_num), probe)
     qlayers = quant_layers(model)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -402,11 +441,11 @@ def client_round(
     losses: list[float] = []
     n_total = 0
     changed = 0.0
-    with probe:
+    with (probe if own_probe else nullcontext()), probe.training():
         try:
             buffers0 = {k: v.detach().clone() for k, v in float_buffers(model).items()}
             if fedsgd:
-                n_total = _fedsgd_step(workload, model, batches[0], qlayers, params, upload, handles, losses)
+                n_total = _fedsgd_step(workload, model, batches[0], qlayers, params, upload, handles, losses, probe)
             else:
                 n_total, changed = _fedavg_steps(workload, model, batches, qlayers, params, upload, handles, losses,
                                                  config.lr, proximal_mu, final_codes and bool(qlayers), probe)
@@ -424,7 +463,8 @@ def client_round(
         "changed_fraction": float(changed),
         "upload_bytes": float(upload.nbytes()),
     }
-    metrics.update(probe.profile.metrics())
+    if own_probe:
+        metrics.update(probe.profile.metrics())
     return RoundResult(upload=upload, num_examples=int(n_total), metrics=metrics, memory=probe.profile)
 
 
@@ -438,13 +478,15 @@ def _param_hook(fn: Callable[[str, torch.Tensor], None], key: str) -> Callable[[
     return hook
 
 
-def _fedsgd_step(workload, model, batch, qlayers, params, upload: UploadBuffer, handles, losses) -> int:
+def _fedsgd_step(workload, model, batch, qlayers, params, upload: UploadBuffer, handles, losses,
+                 probe: MemoryProbe) -> int:
     for p in params.values():
         p.grad = None
     for layer in qlayers.values():
         layer.zero_weight_grad()
         layer.set_weight_grad_hook(lambda layer, g: upload.add(layer.weight_key, g))
-    loss, n = workload.loss(model, batch)
+    with probe.saved_activations():
+        loss, n = workload.loss(model, batch)
     # Parameter hooks are installed after the forward pass so that they run after MemTracker's own grad hooks
     # (installed during the forward), which read p.grad.
     for key, p in params.items():
@@ -499,7 +541,8 @@ def _fedavg_steps(workload, model, batches, qlayers, params, upload: UploadBuffe
         probe.next_step()
         for p in params.values():
             p.grad = None
-        loss, n = workload.loss(model, batch)
+        with probe.saved_activations():
+            loss, n = workload.loss(model, batch)
         if i == 0:  # after the first forward: run after MemTracker's grad hooks (see _fedsgd_step)
             for key, p in params.items():
                 handles.append(p.register_post_accumulate_grad_hook(_param_hook(param_step, key)))

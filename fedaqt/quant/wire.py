@@ -24,7 +24,7 @@ This module imports nothing from other fedaqt packages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ def encode_broadcast(
 
 
 def decode_broadcast(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, QTensor | torch.Tensor]:
-    """Decode a broadcast (spec 2.2 step 2) and validate it.
+    """Decode a broadcast (spec 2.2 step 2) and validate it: ``dict(iter_decode_broadcast(arrays, config))``.
 
     Args:
         arrays, config: as produced by :func:`encode_broadcast` (the config may hold other, non-``quant.`` keys).
@@ -197,6 +197,22 @@ def decode_broadcast(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, QTe
         ValueError: missing/unknown format, inconsistent metadata, a quantized key without its codes or scale, a
             wrong dtype or shape, codes outside ``[-t_b, t_b]``, a negative or non-finite scale, a non-finite float
             tensor, or a stray ``::scale`` array. The message names the key.
+    """
+    return dict(iter_decode_broadcast(arrays, config))
+
+
+def iter_decode_broadcast(arrays: ArrayRecord, config: ConfigRecord,
+                          release: bool = False) -> Iterator[tuple[str, QTensor | torch.Tensor]]:
+    """:func:`decode_broadcast` one tensor at a time, so a client can load each into its model and never hold the
+    whole decoded broadcast. The metadata and the presence of every codes/scale array are checked before the
+    first item; each tensor's own checks run when it is reached (same errors as :func:`decode_broadcast`).
+
+    Args:
+        release: delete each array (and its ``::scale``) from ``arrays`` once decoded, so the received bytes
+            are freed as the decoding proceeds (the caller must own the record).
+
+    Yields:
+        ``(state_key, QTensor or tensor)`` in record order.
     """
     fmt = config.get(_K_FORMAT)
     if fmt != WIRE_FORMAT:
@@ -214,7 +230,6 @@ def decode_broadcast(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, QTe
     if len(set(meta[_K_KEYS])) != n:
         raise ValueError(f"{_K_KEYS}: duplicate keys")
 
-    out: dict[str, QTensor | torch.Tensor] = {}
     qinfo = {}
     for key, kb, axis, shp in zip(meta[_K_KEYS], meta[_K_KBITS], meta[_K_AXIS], meta[_K_SHAPES]):
         if not isinstance(key, str):
@@ -242,17 +257,24 @@ def decode_broadcast(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, QTe
             continue
         a = arrays[k].numpy()
         if k in qinfo:
-            out[k] = _decode_qtensor(k, a, arrays[k + SCALE_SUFFIX].numpy(), *qinfo[k])
-            continue
-        if a.dtype.kind == "f":
-            if a.dtype != np.float32:
-                raise ValueError(f"{k}: float tensors must be float32 on the wire, got {a.dtype}")
-            if not np.isfinite(a).all():
-                raise ValueError(f"{k}: non-finite values in the broadcast")
-        elif a.dtype.kind not in "iub":
-            raise ValueError(f"{k}: unsupported dtype {a.dtype}")
-        out[k] = numpy_to_tensor(a)
-    return out
+            value: QTensor | torch.Tensor = _decode_qtensor(k, a, arrays[k + SCALE_SUFFIX].numpy(), *qinfo[k])
+        else:
+            if a.dtype.kind == "f":
+                if a.dtype != np.float32:
+                    raise ValueError(f"{k}: float tensors must be float32 on the wire, got {a.dtype}")
+                if not np.isfinite(a).all():
+                    raise ValueError(f"{k}: non-finite values in the broadcast")
+            elif a.dtype.kind not in "iub":
+                raise ValueError(f"{k}: unsupported dtype {a.dtype}")
+            # ``Array.numpy()`` returned a fresh array: no second copy unless it is read-only
+            value = torch.from_numpy(a if a.flags.writeable else np.array(a, copy=True))
+        del a
+        if release:
+            del arrays[k]
+            if k in qinfo:
+                del arrays[k + SCALE_SUFFIX]
+        yield k, value
+        del value
 
 
 def _decode_qtensor(key: str, a: np.ndarray, s: np.ndarray, bits: int, axis: int,

@@ -7,7 +7,8 @@ model, and :func:`fedaqt.client.app.handle_train` trains client 0 on round 1's b
 MemTracker profile on (:mod:`fedaqt.client.memory`). FedAvg combinations assume a server that accepts final codes.
 
 Output: ``OUT/memory.csv`` (columns ``workload, bits, uplink_bits, algorithm, checkpointing, peak_mib``, one
-``mem_<category>_mib`` per category, then ``ratio`` (peak / reference peak), ``rss_peak_mib``, ``upload_mib``,
+``mem_<category>_mib`` per category (``wire``: message bytes), then ``ratio`` (peak / reference peak),
+``train_peak_mib`` (training part only), ``saved_<dtype>_mib`` (saved for backward), ``rss_peak_mib``, ``upload_mib``,
 ``model_size``, ``batch_size``, ``num_parameters``, ``seconds``), ``OUT/memory.png`` (stacked bars per category)
 and a table on the terminal. The reference row is the 32-bit, no-checkpointing row (float32 uplink and the first
 algorithm preferred); when it was not requested the first row is the reference and the table says so.
@@ -126,8 +127,9 @@ def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
         "server-round": int(spec.get("round", 1)),
         ACCEPT_FINAL_CODES: True,
     })
-    reply = handle_train(RecordDict({BROADCAST_KEY: arrays, QUANT_META_KEY: meta, CONFIG_KEY: train_cfg}),
-                         profile=True)
+    content = RecordDict({BROADCAST_KEY: arrays, QUANT_META_KEY: meta, CONFIG_KEY: train_cfg})
+    del arrays  # the client owns the received broadcast and frees it as it decodes
+    reply = handle_train(content, profile=True, release_broadcast=True)
     if ERROR_KEY in reply.config_records:
         raise RuntimeError(str(reply.config_records[ERROR_KEY]["error"]))
     m = dict(reply.metric_records[METRICS_KEY])
@@ -141,6 +143,11 @@ def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
     }
     for c in _categories():
         row[c] = float(m[c])
+    from fedaqt.client.memory import SAVED_GROUPS
+
+    row["train_peak_mib"] = float(m["train_peak_mib"])
+    for g in SAVED_GROUPS:
+        row[f"saved_{g}_mib"] = float(m[f"saved_{g}_mib"])
     row.update({
         "rss_peak_mib": float(m["rss_peak_mib"]),
         "upload_mib": float(m["upload_bytes"]) / 2**20,
@@ -242,12 +249,14 @@ def rich_table(rows: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    for c in ["bits", "uplink", "algorithm", "ckpt", "peak MiB", "ratio"] + [c[4:-4] for c in _categories()] + \
-            ["RSS MiB", "upload MiB", "dominant"]:
+    for c in ["bits", "uplink", "algorithm", "ckpt", "peak MiB", "ratio", "train MiB"] + \
+            [c[4:-4] for c in _categories()] + ["saved f32/i8", "RSS MiB", "upload MiB", "dominant"]:
         t.add_column(c, justify="left" if c in ("algorithm", "dominant") else "right")
     for r in rows:
+        saved = f"{r.get('saved_float32_mib', 0.0):.1f}/{r.get('saved_int8_mib', 0.0):.1f}"
         t.add_row(str(r["bits"]), str(r["uplink_bits"]), r["algorithm"], r["checkpointing"], f"{r['peak_mib']:.1f}",
-                  f"{r['ratio']:.3f}", *[f"{r[c]:.1f}" for c in _categories()], f"{r['rss_peak_mib']:.0f}",
+                  f"{r['ratio']:.3f}", f"{r.get('train_peak_mib', r['peak_mib']):.1f}",
+                  *[f"{r[c]:.1f}" for c in _categories()], saved, f"{r['rss_peak_mib']:.0f}",
                   f"{r['upload_mib']:.1f}", dominant(r))
     return t
 

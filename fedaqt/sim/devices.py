@@ -10,8 +10,9 @@ A device profile is a CSV with a header and one of two layouts:
   tier ``t`` receives ``count_t`` clients by largest remainder of ``fraction_t * num_clients`` (ties to the earlier
   tier), and the shuffled ids are cut into consecutive runs of ``count_0, count_1, ...`` in file order.
 
-``memory_mib`` is the budget for the client's *measured* peak tracked tensor memory of a round (``peak_mib`` in the
-reply, :mod:`fedaqt.client.memory`), in MiB (2**20 bytes). ``speed`` is a relative compute speed (> 0) that is
+``memory_mib`` is the budget for the client's *measured* peak memory of a whole round (``peak_mib`` in the reply,
+:mod:`fedaqt.client.memory`: tensors plus the received broadcast while held and the serialized reply), in MiB
+(2**20 bytes). ``speed`` is a relative compute speed (> 0) that is
 validated and kept with the budget for reports; the budget check does not use it.
 
 A client whose peak exceeds its budget is recorded with ``status=over_budget`` and the reason, e.g.
