@@ -4,14 +4,11 @@ In the style of torchao's ``quantization/quant_api.py`` (a config dataclass, a `
 filter function), :func:`fedaqt.quant.convert.convert_to_quantized`, :func:`~fedaqt.quant.convert.quantized_weight_keys`
 and the "selected but unhandled" check all go through this table. Built-ins:
 
-============================  ======================================  =========================================
-float type                    quantized module                        quantized float state keys (relative)
-============================  ======================================  =========================================
-``nn.Linear``                 :class:`~fedaqt.quant.layers.QuantLinear`   ``weight``
-``nn.Conv1d``                 :class:`~fedaqt.quant.layers.QuantConv1d`   ``weight``
-``nn.Conv2d``                 :class:`~fedaqt.quant.layers.QuantConv2d`   ``weight``
-``nn.MultiheadAttention``     :class:`~fedaqt.quant.layers.QuantMultiheadAttention`  ``in_proj_weight``, ``out_proj.weight``
-============================  ======================================  =========================================
+* ``nn.Linear`` -> :class:`~fedaqt.quant.layers.QuantLinear` (quantizes ``weight``);
+* ``nn.Conv1d`` -> :class:`~fedaqt.quant.layers.QuantConv1d` (``weight``);
+* ``nn.Conv2d`` -> :class:`~fedaqt.quant.layers.QuantConv2d` (``weight``);
+* ``nn.MultiheadAttention`` -> :class:`~fedaqt.quant.layers.QuantMultiheadAttention` (``in_proj_weight`` and
+  ``out_proj.weight``; its subtree is converted as a unit).
 
 A plugin registers another type with :func:`register_quantized_layer` (e.g. at import of its workload module, which
 happens in every process that builds the model). The handler contract, checked by the converter for every module
