@@ -1,5 +1,6 @@
 """fedaqt.quant — the core: codes + scales, int4 packing, STE, scale gradient / relay, native quantized layers,
-model conversion, and the wire encodings to/from Flower records (spec/METHODS.md sections 1 and 2).
+the quantizable-layer registry, model conversion, and the wire encodings to/from Flower records
+(spec/METHODS.md sections 1 and 2).
 
 This package imports nothing from other fedaqt packages (dependencies point toward it).
 """
@@ -16,10 +17,22 @@ from .convert import (
 from .layers import (
     ACT_BITS,
     QuantConv1d,
+    QuantConv2d,
     QuantLayer,
     QuantLinear,
     QuantMultiheadAttention,
     WeightGradHook,
+)
+from .registry import (
+    LayerHandler,
+    MultiheadAttentionHandler,
+    QuantConfig,
+    QuantHandler,
+    handler_for,
+    has_quantizable_parameter,
+    register_quantized_layer,
+    registered_quantized_layers,
+    unregister_quantized_layer,
 )
 from .pack import pack_int4, packed_int4_nbytes, unpack_int4
 from .quantize import (
@@ -62,7 +75,11 @@ __all__ = [
     # pack
     "pack_int4", "unpack_int4", "packed_int4_nbytes",
     # layers
-    "ACT_BITS", "QuantLayer", "QuantLinear", "QuantConv1d", "QuantMultiheadAttention", "WeightGradHook",
+    "ACT_BITS", "QuantLayer", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantMultiheadAttention",
+    "WeightGradHook",
+    # registry
+    "QuantConfig", "QuantHandler", "LayerHandler", "MultiheadAttentionHandler", "register_quantized_layer",
+    "unregister_quantized_layer", "registered_quantized_layers", "handler_for", "has_quantizable_parameter",
     # convert
     "IncludeFn", "convert_to_quantized", "quant_layers", "quantized_weight_keys", "model_gradients",
     "zero_quant_grads", "load_float_state",
