@@ -120,6 +120,7 @@ class QuantizedMixin:
         self.last_round_stats: dict[str, float] = {}
         self.partition_of: dict[int, int] = {}
         self.sent_dequantized: dict[str, torch.Tensor] = {}
+        self.sent_quantized: dict[str, Any] = {}  # this round's broadcast QTensors (codes + float32 scales), for the relay
 
     # ------------------------------------------------------------------ sampling + broadcast
     def sample_partitions(self, server_round: int) -> list[int]:
