@@ -103,7 +103,8 @@ def run(
         task = bar.add_task("rounds", total=cfg.rounds, info="starting Ray...")
 
         def progress(rnd: int, row: dict) -> None:
-            shown = {k: row[k] for k in ("train_loss", "eval_cer", "eval_wer", "eval_accuracy", "eval_accuracy_acc8") if k in row}
+            shown = {k: row[k] for k in ("train_loss", "eval_cer", "eval_wer", "eval_accuracy", "eval_accuracy_acc8",
+                                                 "eval_accuracy_acc8_nocyclic") if k in row}
             bar.update(task, completed=rnd, info=" ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 
         try:
