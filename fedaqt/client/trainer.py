@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fedaqt.client.memory import MemoryProbe, MemoryProfile, profiling_requested
 from fedaqt.config import RunConfig
 from fedaqt.plugins import get_workload_class
-from fedaqt.quant.convert import convert_to_quantized, quant_layers
+from fedaqt.quant.convert import quant_layers
 from fedaqt.quant.layers import QuantLayer
 from fedaqt.quant.quantize import dequantize
 from fedaqt.quant.uplink import encode_tensor_uplink
