@@ -64,7 +64,7 @@ def run_or_reuse(cfg) -> dict:
     """Run the experiment unless ``cfg.out`` already holds a finished run of the same configuration."""
     import json
 
-    from fedaqt.sim.runner import run_experiment
+    from fedaqt.launch.runner import run_experiment
 
     summary_path = Path(cfg.out) / "summary.json"
     if summary_path.exists():

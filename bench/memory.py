@@ -1,7 +1,7 @@
 """Client memory per round, seed-style (the dissertation's Table 3.2): fp32, fp16, int8, int4 side by side.
 
 Every cell is one FedSGD client round of the ASR Conformer (``--model-size large`` by default, ~36.5M parameters)
-measured with MemTracker in a fresh process (``fedaqt.report.memory_cli``), all in one run:
+measured with MemTracker in a fresh process (``fedaqt.launch.profile``), all in one run:
 
 * "float upload": the client uploads its gradient as a float, like the dissertation (float32; float16 for the
   float16 model);
@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedaqt.config import RunConfig
-from fedaqt.report.memory_cli import dominant, profile_rows, write_outputs
+from fedaqt.launch.profile import dominant, profile_rows, write_outputs
 
 #: dissertation Table 3.2 (KB): float32, float16, int8; int4 was not reported
 SEED_KB = {"fp32": 734188, "fp16": 568012, "int8": 468312}

@@ -63,7 +63,7 @@ def run(
 ) -> None:
     """Run a federated simulation and write the run directory."""
     from fedaqt.config import ConfigError, resolve_config, resolve_resume_config
-    from fedaqt.sim.runner import run_experiment
+    from fedaqt.launch.runner import run_experiment
 
     cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "resume", "verbose", "resolve_config", "resolve_resume_config", "run_experiment", "ConfigError")}
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -86,7 +86,7 @@ def run(
                 cfg = cfg.override({"options": {**cfg.options, **opts}}, source="--option")
     except ConfigError as exc:
         _fail(str(exc))
-    from fedaqt.sim.runner import preflight
+    from fedaqt.launch.runner import preflight
 
     try:
         preflight(cfg)  # every check before the header and progress bar: bad input fails cleanly, nothing touched
@@ -202,7 +202,7 @@ def plugins_list() -> None:
     console.print(table)
 
 
-from fedaqt.report.memory_cli import profile_command  # noqa: E402  (kept light: imports lazily inside)
+from fedaqt.launch.profile import profile_command  # noqa: E402  (kept light: imports lazily inside)
 
 app.command("profile")(profile_command)
 

@@ -18,7 +18,7 @@ import fedaqt.plugins as plugins
 from fedaqt.client.trainer import build_client_model, client_round
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.server.app import Server
-from fedaqt.sim.devices import assign_tiers, load_device_profile, make_budget_fn, validate_device_profile
+from fedaqt.server.budgets import assign_tiers, load_device_profile, make_budget_fn, validate_device_profile
 from fakegrid import FakeGrid
 from toy import ToyWorkload
 

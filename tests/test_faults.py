@@ -63,7 +63,7 @@ def test_faulty_clients_are_recorded_and_the_run_finishes_on_time(tmp_path, faul
     import ray
 
     from fedaqt.server.app import Server
-    from fedaqt.sim.runner import run_experiment
+    from fedaqt.launch.runner import run_experiment
 
     # reference: the same run in process, the four fault clients never reply in round 1
     ref_dir = tmp_path / "ref"

@@ -262,7 +262,7 @@ def test_nonfinite_global_model_is_refused_and_run_stops_after_n(tmp_path, monke
 
 
 def test_round_options_are_validated_in_preflight(toy_registered):
-    from fedaqt.sim.runner import validate_round_options
+    from fedaqt.launch.runner import validate_round_options
 
     for key, bad in (("round_timeout", 0), ("round_timeout", "soon"), ("round_timeout", float("inf")),
                      ("max_nonfinite_rounds", 0), ("max_nonfinite_rounds", 1.5), ("max_nonfinite_rounds", True)):
@@ -293,7 +293,7 @@ def test_failing_server_evaluate_names_cause_and_resume(tmp_path, monkeypatch):
 
 
 def test_stop_unfinished_prints_one_line_with_cause(tmp_path, capsys):
-    from fedaqt.sim.runner import _stop_unfinished
+    from fedaqt.launch.runner import _stop_unfinished
 
     try:
         try:

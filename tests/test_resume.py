@@ -117,7 +117,7 @@ def test_checkpoint_holds_model_optimizer_rounds_and_rng(tmp_path):
 
 
 def test_resume_refuses_other_configuration_and_skips_finished_runs(tmp_path):
-    from fedaqt.sim.runner import checkpoint_round, run_experiment
+    from fedaqt.launch.runner import checkpoint_round, run_experiment
 
     cfg = toy_config(tmp_path, "fedavgm", rounds=2)
     Server(cfg, tmp_path).run_rounds(FakeGrid(6))

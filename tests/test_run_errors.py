@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from fedaqt.cli import app
 from fedaqt.config import ConfigError, RunConfig
-from fedaqt.sim.runner import preflight
+from fedaqt.launch.runner import preflight
 
 runner = CliRunner()
 

@@ -74,7 +74,7 @@ def _tear_last_line(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- item 10
 @pytest.mark.parametrize("name", ["rounds.csv", "clients.csv"])
 def test_resume_refuses_a_torn_row_of_a_checkpointed_round(tmp_path, name):
-    from fedaqt.sim.runner import checkpoint_round
+    from fedaqt.launch.runner import checkpoint_round
 
     cfg = _killed_run(tmp_path)
     _tear_last_line(tmp_path / name)  # the last row belongs to round 2, which the checkpoint holds
@@ -88,7 +88,7 @@ def test_resume_refuses_a_torn_row_of_a_checkpointed_round(tmp_path, name):
 
 
 def test_resume_refuses_a_deleted_or_edited_csv(tmp_path):
-    from fedaqt.sim.runner import checkpoint_round
+    from fedaqt.launch.runner import checkpoint_round
 
     cfg = _killed_run(tmp_path)
     rounds = tmp_path / "rounds.csv"
@@ -105,7 +105,7 @@ def test_resume_refuses_a_deleted_or_edited_csv(tmp_path):
 
 def test_resume_drops_only_rows_after_the_checkpoint(tmp_path):
     """The repair that is allowed: rows of the unfinished round and a torn line after the checkpoint."""
-    from fedaqt.sim.runner import checkpoint_round
+    from fedaqt.launch.runner import checkpoint_round
 
     cfg = _killed_run(tmp_path)
     want = {n: (tmp_path / n).read_text() for n in ("rounds.csv", "clients.csv")}
@@ -123,7 +123,7 @@ def test_resume_drops_only_rows_after_the_checkpoint(tmp_path):
 
 
 def test_bit_flip_in_a_checkpoint_tensor_is_refused(tmp_path):
-    from fedaqt.sim.runner import checkpoint_round
+    from fedaqt.launch.runner import checkpoint_round
 
     cfg = _killed_run(tmp_path)
     path = tmp_path / "checkpoint.pt"
@@ -207,7 +207,7 @@ def _fake_simulation(monkeypatch, grid_factory):
 
 @pytest.mark.parametrize("stop_round", [1, 2])
 def test_old_results_are_deleted_only_once_round_1_is_checkpointed(tmp_path, monkeypatch, stop_round):
-    from fedaqt.sim.runner import run_experiment
+    from fedaqt.launch.runner import run_experiment
 
     out = tmp_path / "r"
     old = _old_run(out)
@@ -239,7 +239,7 @@ def test_a_run_killed_before_round_1_keeps_the_old_results_for_the_next_start(tm
 def test_ray_auto_refuses_instances_not_started_by_ray_start(tmp_path, monkeypatch):
     from ray._private import services, utils
 
-    from fedaqt.sim import runner as runner_mod
+    from fedaqt.launch import runner as runner_mod
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(utils, "read_ray_address", lambda temp_dir=None: None)
@@ -259,7 +259,7 @@ def test_ray_auto_refuses_instances_not_started_by_ray_start(tmp_path, monkeypat
 
 
 def test_device_profile_with_a_utf8_bom_is_valid(tmp_path):
-    from fedaqt.sim.devices import load_device_profile
+    from fedaqt.server.budgets import load_device_profile
 
     p = tmp_path / "profile.csv"
     p.write_bytes("client_id,memory_mib\n0,300\n1,800\n".encode("utf-8-sig"))
@@ -295,7 +295,7 @@ def test_csvlog_widening_keeps_old_values_and_digest(tmp_path):
 
 
 def test_ray_sessions_and_dead_tmp_fallbacks_are_pruned(tmp_path, monkeypatch):
-    from fedaqt.sim import runner as runner_mod
+    from fedaqt.launch import runner as runner_mod
 
     ray_dir = tmp_path / "ray"
     (ray_dir / "session_2026-01-01_00-00-00_1").mkdir(parents=True)

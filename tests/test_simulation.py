@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fedaqt.config import RunConfig
-from fedaqt.sim.runner import run_experiment
+from fedaqt.launch.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 

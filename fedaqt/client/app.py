@@ -28,7 +28,7 @@ from fedaqt.client.memory import MemoryProbe, profiling_requested
 from fedaqt.client.trainer import client_round, get_client_model, get_workload, load_broadcast
 from fedaqt.config import RunConfig
 from fedaqt.quant.wire import QTensor, iter_decode_broadcast, record_nbytes
-from fedaqt.sim.nodeinfo import NODEINFO_KEY, reply_nodeinfo
+from fedaqt.client.nodeinfo import NODEINFO_KEY, reply_nodeinfo
 from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, ERROR_KEY, METRICS_KEY, QUANT_META_KEY, UPDATE_KEY
 
 log = logging.getLogger("fedaqt.client")

@@ -39,8 +39,8 @@ from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
 from fedaqt.plugins import get_strategy_plugin, get_workload_class
 from fedaqt.quant.convert import quantized_weight_keys
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
-from fedaqt.sim import backend as sim_backend
-from fedaqt.sim.nodeinfo import ActorNodeMap, nodeinfo_of
+from fedaqt.launch import backend as sim_backend
+from fedaqt.client.nodeinfo import ActorNodeMap, nodeinfo_of
 from fedaqt.strategies.quantized import BroadcastSpec, ClientRow
 from fedaqt.workloads.base import Workload
 
@@ -351,7 +351,7 @@ class Server:
         """Memory-budget check of replies (``--device-profile``); None admits every client."""
         if not self.config.device_profile:
             return None
-        from fedaqt.sim.devices import make_budget_fn
+        from fedaqt.server.budgets import make_budget_fn
 
         return make_budget_fn(self.config)
 

@@ -342,7 +342,7 @@ _METRIC_FIELDS = ("partition-id", "num-examples", "train_loss", "seconds")
 #: clients.csv columns a reply's extra metrics may not overwrite
 RESERVED_CLIENT_COLUMNS = frozenset(f.name for f in ClientRow.__dataclass_fields__.values() if f.name != "extra") | {
     "ray_node_id", "client_id", "num_examples"}
-#: marker in the Flower error reason of a client whose Ray actor died (see :mod:`fedaqt.sim.backend`)
+#: marker in the Flower error reason of a client whose Ray actor died (see :mod:`fedaqt.launch.backend`)
 CLIENT_DIED_MARK = "ClientActorDied"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.plugins import get_strategy_plugin, get_workload_class, strategy_names, workload_names
 from fedaqt.report.rundir import RunDir
-from fedaqt.sim.nodeinfo import runtime_node_id  # noqa: F401  (re-exported: clients record their Ray node)
+from fedaqt.client.nodeinfo import runtime_node_id  # noqa: F401  (re-exported: clients record their Ray node)
 
 log = logging.getLogger("fedaqt.sim")
 
@@ -34,7 +34,7 @@ def preflight(config: RunConfig) -> RunConfig:
 
     Raises:
         ConfigError: a bad value, an unknown plugin name, a strategy/algorithm mismatch, or a bad device profile
-            (``--device-profile``, see :mod:`fedaqt.sim.devices`).
+            (``--device-profile``, see :mod:`fedaqt.server.budgets`).
         FileNotFoundError: the workload's data is missing (the message says how to build it).
     """
     config.validate(known_workloads=workload_names(), known_strategies=strategy_names())
@@ -50,7 +50,7 @@ def preflight(config: RunConfig) -> RunConfig:
         )
     validate_round_options(config)
     if config.device_profile:
-        from fedaqt.sim.devices import validate_device_profile
+        from fedaqt.server.budgets import validate_device_profile
 
         validate_device_profile(config)  # ConfigError naming the file, line and value
     if config.ray_address:
@@ -349,10 +349,10 @@ def _run(config: RunConfig, run: RunDir, progress: Any, resume: bool, done: int)
     server_app = make_server_app(config, run.root, progress, result, resume=resume)
     interrupted = False
     failure: BaseException | None = None
-    from fedaqt.sim import backend as sim_backend
+    from fedaqt.launch import backend as sim_backend
 
     try:
-        # our Ray backend replaces dead actors and ends hung clients (see fedaqt.sim.backend for why)
+        # our Ray backend replaces dead actors and ends hung clients (see fedaqt.launch.backend for why)
         with sim_backend.installed():
             run_simulation(
                 server_app=server_app,

@@ -1,4 +1,4 @@
-"""Flower 1.42's Ray backend, made robust to hung and dead clients (used by :func:`fedaqt.sim.runner.run_experiment`).
+"""Flower 1.42's Ray backend, made robust to hung and dead clients (used by :func:`fedaqt.launch.runner.run_experiment`).
 
 Why our own backend: in Flower 1.42 (``flwr/server/superlink/fleet/vce/backend/raybackend.py`` and
 ``flwr/simulation/ray_transport/ray_actor.py``) each Simulation Runtime worker thread pops an actor from
