@@ -41,7 +41,8 @@ from fedaqt.quant.convert import quant_layers
 from fedaqt.quant.layers import QuantLayer
 from fedaqt.quant.quantize import dequantize
 from fedaqt.quant.uplink import encode_tensor_uplink
-from fedaqt.quant.wire import SCALE_SUFFIX, QTensor
+from fedaqt.quant.wire import SCALE_SUFFIX
+from fedaqt.quant.wire import load_client_broadcast as load_broadcast  # noqa: F401  (moved to quant; name kept)
 from fedaqt.workloads.base import Workload
 
 #: client model bit-widths: 32/8/4 as in ``fedaqt run``; 16 = float16 float model (``fedaqt profile`` only)
@@ -106,41 +107,6 @@ def get_client_model(workload: Workload, config: RunConfig) -> nn.Module:
     if key not in _MODELS:
         _MODELS[key] = build_client_model(workload, config)
     return _MODELS[key]
-
-
-def load_broadcast(model: nn.Module, decoded: Any) -> None:
-    """Fill ``model`` with a decoded broadcast: a dict ``{key: QTensor or tensor}`` or an iterable of
-    ``(key, value)`` pairs (:func:`fedaqt.quant.wire.iter_decode_broadcast`, loaded one at a time).
-
-    Quantized keys with a native layer get its codes + scales; quantized keys of layers the workload does not
-    convert (e.g. WrapNet's own layers) are dequantized into the float parameter; float tensors are copied.
-
-    Raises:
-        ValueError: a broadcast key the model does not have, or a model tensor the broadcast does not cover.
-    """
-    qlayers = quant_layers(model)
-    tensors = dict(model.named_parameters())
-    tensors.update({k: v for k, v in model.named_buffers() if v.is_floating_point() or k not in qlayers})
-    covered = set()
-    with torch.no_grad():
-        for key, value in (decoded.items() if hasattr(decoded, "items") else decoded):
-            if isinstance(value, QTensor):
-                if key in qlayers:
-                    qlayers[key].load_quantized(value.codes, value.scale)
-                elif key in tensors:
-                    tensors[key].copy_(value.dequantize().to(tensors[key].dtype))
-                else:
-                    raise ValueError(f"broadcast has quantized tensor {key!r} that the client model lacks")
-            elif key in tensors:
-                if tuple(tensors[key].shape) != tuple(value.shape):
-                    raise ValueError(f"broadcast tensor {key!r} has shape {tuple(value.shape)}, model expects {tuple(tensors[key].shape)}")
-                tensors[key].copy_(value.to(tensors[key].dtype))
-            else:
-                raise ValueError(f"broadcast has tensor {key!r} that the client model lacks")
-            covered.add(key)
-    missing = [k for k in list(qlayers) + [k for k, _ in model.named_parameters()] if k not in covered]
-    if missing:
-        raise ValueError(f"broadcast does not cover model tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}")
 
 
 def float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ import math
 import threading
 from typing import Any, Iterator
 
-log = logging.getLogger("fedaqt.sim")
+log = logging.getLogger("fedaqt.launch")
 
 #: marker in the error reason of a message whose actor died (kept equal to the strategy's constant)
 from fedaqt.strategies.quantized import CLIENT_DIED_MARK  # noqa: E402

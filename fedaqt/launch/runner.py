@@ -15,15 +15,15 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.plugins import get_strategy_plugin, get_workload_class, strategy_names, workload_names
 from fedaqt.report.rundir import RunDir
-from fedaqt.client.nodeinfo import runtime_node_id  # noqa: F401  (re-exported: clients record their Ray node)
 
-log = logging.getLogger("fedaqt.sim")
+log = logging.getLogger("fedaqt.launch")
 
 # Ray's socket paths live under the temp dir and must stay below the 107-byte AF_UNIX limit.
 _MAX_RAY_TMP = 40
@@ -345,11 +345,16 @@ def _run(config: RunConfig, run: RunDir, progress: Any, resume: bool, done: int)
 
     from fedaqt.client.app import app as client_app
 
+    from fedaqt.launch import backend as sim_backend
+
     result: dict[str, Any] = {}
-    server_app = make_server_app(config, run.root, progress, result, resume=resume)
+    server_app = make_server_app(
+        config, run.root, progress, result, resume=resume,
+        on_round_end=lambda: sim_backend.abandon_before(time.time()),  # kill what a round still runs (timeouts)
+        on_finish=sim_backend.stop,  # end hung clients now, so run_simulation returns and Ray is torn down
+    )
     interrupted = False
     failure: BaseException | None = None
-    from fedaqt.launch import backend as sim_backend
 
     try:
         # our Ray backend replaces dead actors and ends hung clients (see fedaqt.launch.backend for why)

@@ -661,7 +661,7 @@ def quantize_wrap_layers(model: nn.Module, bits: int, granularity: str) -> nn.Mo
     child ``qweight`` (codes + scale at ``bits``/``granularity``, ``weight_key = "<layer>.weight"``).
 
     Afterwards the model holds no float copy of those weights; load broadcasts with
-    ``fedaqt.client.trainer.load_broadcast``. Layers already converted are left alone.
+    ``fedaqt.quant.wire.load_client_broadcast``. Layers already converted are left alone.
 
     Args:
         model: a model with WrapNet layers (modified in place and returned).

@@ -63,6 +63,7 @@ from .wire import (
     encode_broadcast,
     expected_payload_bytes,
     load_broadcast,
+    load_client_broadcast,
     npy_header_nbytes,
     record_nbytes,
 )
@@ -86,6 +87,7 @@ __all__ = [
     # wire
     "WIRE_FORMAT", "SCALE_SUFFIX", "BROADCAST_BITS", "QTensor", "encode_broadcast", "decode_broadcast",
     "record_nbytes", "npy_header_nbytes", "expected_payload_bytes", "load_broadcast",
+    "load_client_broadcast",
     # uplink
     "UPLINK_BITS", "encode_update", "encode_tensor_uplink", "decode_update",
     "stochastic_round_int8",

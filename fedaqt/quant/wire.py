@@ -24,7 +24,7 @@ This module imports nothing from other fedaqt packages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "tensor_to_numpy",
     "numpy_to_tensor",
     "load_broadcast",
+    "load_client_broadcast",
 ]
 
 WIRE_FORMAT = "fedaqt.broadcast/1"
@@ -408,3 +409,39 @@ def load_broadcast(qmodel: torch.nn.Module, decoded: Mapping[str, QTensor | torc
         missing = [k for k in list(layers) + list(targets) if k not in seen]
         if missing:
             raise ValueError(f"{missing[0]}: missing from the broadcast ({len(missing)} missing in all)")
+
+
+def load_client_broadcast(model: torch.nn.Module, decoded: Any) -> None:
+    """Fill a client ``model`` (converted by its workload) with a decoded broadcast: a dict ``{key: QTensor or
+    tensor}`` or an iterable of ``(key, value)`` pairs (:func:`fedaqt.quant.wire.iter_decode_broadcast`, loaded one
+    at a time). Unlike :func:`fedaqt.quant.wire.load_broadcast` it also accepts quantized keys of layers kept float.
+
+    Quantized keys with a native layer get its codes + scales; quantized keys of layers the workload does not
+    convert (e.g. WrapNet's own layers) are dequantized into the float parameter; float tensors are copied.
+
+    Raises:
+        ValueError: a broadcast key the model does not have, or a model tensor the broadcast does not cover.
+    """
+    qlayers = quant_layers(model)
+    tensors = dict(model.named_parameters())
+    tensors.update({k: v for k, v in model.named_buffers() if v.is_floating_point() or k not in qlayers})
+    covered = set()
+    with torch.no_grad():
+        for key, value in (decoded.items() if hasattr(decoded, "items") else decoded):
+            if isinstance(value, QTensor):
+                if key in qlayers:
+                    qlayers[key].load_quantized(value.codes, value.scale)
+                elif key in tensors:
+                    tensors[key].copy_(value.dequantize().to(tensors[key].dtype))
+                else:
+                    raise ValueError(f"broadcast has quantized tensor {key!r} that the client model lacks")
+            elif key in tensors:
+                if tuple(tensors[key].shape) != tuple(value.shape):
+                    raise ValueError(f"broadcast tensor {key!r} has shape {tuple(value.shape)}, model expects {tuple(tensors[key].shape)}")
+                tensors[key].copy_(value.to(tensors[key].dtype))
+            else:
+                raise ValueError(f"broadcast has tensor {key!r} that the client model lacks")
+            covered.add(key)
+    missing = [k for k in list(qlayers) + [k for k, _ in model.named_parameters()] if k not in covered]
+    if missing:
+        raise ValueError(f"broadcast does not cover model tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}")

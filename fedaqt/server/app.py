@@ -39,8 +39,7 @@ from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
 from fedaqt.plugins import get_strategy_plugin, get_workload_class
 from fedaqt.quant.convert import quantized_weight_keys
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
-from fedaqt.launch import backend as sim_backend
-from fedaqt.client.nodeinfo import ActorNodeMap, nodeinfo_of
+from fedaqt.server.nodes import ActorNodeMap, nodeinfo_of
 from fedaqt.strategies.quantized import BroadcastSpec, ClientRow
 from fedaqt.workloads.base import Workload
 
@@ -284,6 +283,7 @@ class Server:
         self.history: list[dict[str, Any]] = []
         self.node_map = ActorNodeMap()
         self.rejected_updates: list[dict[str, Any]] = []
+        self.on_round_end: Callable[[], None] | None = None  # set by make_server_app (the launcher's hook)
         if resume:
             self.restore()
 
@@ -409,7 +409,8 @@ class Server:
             t0 = time.perf_counter()
             messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(dict(train_config)), grid))
             replies = list(grid.send_and_receive(messages, timeout=timeout))
-            sim_backend.abandon_before(time.time())  # Ray backend: kill what this round still runs (timeouts)
+            if self.on_round_end is not None:
+                self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
             replies = self.in_partition_order(replies)
             before = strategy_state(self.strategy)  # restored if the aggregated model is not finite
             new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
@@ -575,19 +576,28 @@ def make_server_app(
     progress: ProgressFn | None = None,
     result: dict | None = None,
     resume: bool = False,
+    on_round_end: Callable[[], None] | None = None,
+    on_finish: Callable[[], None] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to ``config``; the run summary is stored in ``result["summary"]`` when given.
-    ``resume``: continue from the run directory's checkpoint (see :class:`Server`)."""
+    ``resume``: continue from the run directory's checkpoint (see :class:`Server`).
+
+    The launcher's hooks (the server knows nothing of how clients are run): ``on_round_end()`` is called once per
+    round right after ``send_and_receive`` returns (the Ray backend abandons what that round still runs: clients
+    past the round timeout); ``on_finish()`` once when ``main`` ends, normally or not (the Ray backend ends hung
+    clients so ``run_simulation`` returns)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
             server = Server(config, run_dir, progress, resume=resume)
+            server.on_round_end = on_round_end
             summary = server.run_rounds(grid)
             if result is not None:
                 result["summary"] = summary
         finally:
-            sim_backend.stop()  # end hung clients now, so run_simulation returns and Ray is torn down
+            if on_finish is not None:
+                on_finish()
 
     return app

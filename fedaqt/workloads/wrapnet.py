@@ -286,13 +286,12 @@ class WrapNetWorkload(Workload):
     def evaluated_model(self, model: nn.Module) -> nn.Module:
         """The network :meth:`evaluate` scores for the server's float ``model``: ``model`` itself with
         ``--bits 32``; otherwise a client-format copy (codes + scales) filled from ``model`` through the broadcast
-        encoder and the client's loader (``encode_broadcast`` -> ``decode_broadcast`` -> ``load_broadcast``), so
+        encoder and the client's loader (``encode_broadcast`` -> ``decode_broadcast`` -> ``load_client_broadcast``), so
         its weights are bit for bit those the clients receive and train."""
         bits = self.config.bits
         if bits >= 16:
             return model
-        from fedaqt.client.trainer import load_broadcast
-        from fedaqt.quant.wire import decode_broadcast, encode_broadcast
+        from fedaqt.quant.wire import decode_broadcast, encode_broadcast, load_client_broadcast
 
         if self._eval_client_model is None:
             with torch.random.fork_rng(devices=[]):  # the skeleton's init must not move the server's RNG
@@ -302,7 +301,7 @@ class WrapNetWorkload(Workload):
         state = {k: p.detach() for k, p in model.named_parameters()}
         state.update({k: b.detach() for k, b in model.named_buffers() if b.is_floating_point()})
         arrays, meta = encode_broadcast(state, self.broadcast_quantized_keys(model), bits, self.config.granularity)
-        load_broadcast(qmodel, decode_broadcast(arrays, meta))
+        load_client_broadcast(qmodel, decode_broadcast(arrays, meta))
         for (_, src), (_, dst) in zip(wrap_layers(model), wrap_layers(qmodel)):
             for key in ("act_quant", "cyclic", "acc_bits", "k", "b", "track_carries", "carry_mode", "carry_correct"):
                 setattr(dst, key, getattr(src, key))
