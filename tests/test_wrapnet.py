@@ -575,7 +575,7 @@ def test_wrapnet_eval_columns_are_distinct_paths_under_heavy_overflow():
 
 
 class _WeightRecorder:
-    """Stands in for ``torch.nn.functional`` inside fedaqt.models.wrapnet and records the weight operand of every
+    """Stands in for ``torch.nn.functional`` inside fedaqt.models.wrapnet.layers and records the weight operand of every
     WrapNet conv2d/linear call (the first and last layers are plain torch modules and are not recorded)."""
 
     def __init__(self, real) -> None:
@@ -599,7 +599,7 @@ def test_wrapnet_client_trains_exactly_the_weights_the_server_evaluates(monkeypa
     """Broadcast at int8/int4 through the real encoder/decoder/loader: the binary/ternary weights the client uses
     in its training forward (client_round) and in evaluation, and every WrapNet layer's output, are bit for bit
     those of the server's evaluation, including weights that quantize to code 0 (w == 0 and tiny negatives)."""
-    import fedaqt.models.wrapnet as wn
+    import fedaqt.models.wrapnet.layers as wn  # the module whose F the WrapNet layers call
     from fedaqt.client.trainer import build_client_model, client_round, load_broadcast
     from fedaqt.config import RunConfig
     from fedaqt.quant.wire import decode_broadcast, encode_broadcast
