@@ -38,7 +38,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedaqt.config import RunConfig
-from fedaqt.launch.profile import dominant, profile_rows, write_outputs
+from fedaqt.launch.profile import profile_rows
+from fedaqt.report.memory_table import dominant, write_outputs
 
 #: dissertation Table 3.2 (KB): float32, float16, int8; int4 was not reported
 SEED_KB = {"fp32": 734188, "fp16": 568012, "int8": 468312}

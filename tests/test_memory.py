@@ -15,7 +15,7 @@ from fedaqt.client.memory import CATEGORIES, MIB, MemoryProbe, metric_columns, p
 from fedaqt.client.trainer import build_client_model, client_round
 from fedaqt.config import RunConfig
 from fedaqt.quant.convert import quant_layers
-from fedaqt.launch.profile import add_ratios, dominant, reference_index, write_outputs
+from fedaqt.report.memory_table import add_ratios, dominant, reference_index, write_outputs
 from fedaqt.server.app import Server
 from fakegrid import FakeGrid
 from toy import ToyWorkload

@@ -26,10 +26,11 @@ from typing import Any, Sequence
 
 import typer
 
+from fedaqt.report.memory_table import add_ratios, rich_table, write_outputs
+
 PROFILE_BITS = (32, 16, 8, 4)
 PROFILE_UPLINK_BITS = (32, 16, 8)
 PROFILE_ALGORITHMS = ("fedsgd", "fedavg")
-ID_COLUMNS = ["workload", "bits", "uplink_bits", "algorithm", "checkpointing"]
 
 
 def _categories() -> list[str]:
@@ -169,98 +170,6 @@ def run_in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
         return ex.submit(profile_one, spec).result()
 
 
-def reference_index(rows: list[dict[str, Any]]) -> tuple[int, str]:
-    """Index of the reference row and a note: the 32-bit no-checkpointing row (float32 uplink and the first
-    algorithm preferred), else the first row."""
-    cands = [i for i, r in enumerate(rows) if r["bits"] == 32 and r["checkpointing"] == "off"]
-    if cands:
-        cands.sort(key=lambda i: (rows[i]["uplink_bits"] != 32, rows[i]["algorithm"] != rows[0]["algorithm"], i))
-        r = rows[cands[0]]
-        return cands[0], (f"reference: 32-bit, no checkpointing, uplink {r['uplink_bits']}, {r['algorithm']} "
-                          f"({r['peak_mib']:.1f} MiB)")
-    r = rows[0]
-    return 0, (f"the 32-bit no-checkpointing row was not requested; reference is the first row (bits {r['bits']}, "
-               f"uplink {r['uplink_bits']}, {r['algorithm']}, checkpointing {r['checkpointing']}, "
-               f"{r['peak_mib']:.1f} MiB)")
-
-
-def add_ratios(rows: list[dict[str, Any]]) -> str:
-    """Set ``ratio`` = peak / reference peak on every row; returns the reference note."""
-    i, note = reference_index(rows)
-    ref = rows[i]["peak_mib"]
-    for r in rows:
-        r["ratio"] = r["peak_mib"] / ref if ref > 0 else float("nan")
-    return note
-
-
-def dominant(row: dict[str, Any], k: int = 2) -> str:
-    """The ``k`` largest categories of a row with their share of the peak, e.g. ``buffers 45%, grads 44%``."""
-    cats = sorted(((row[c], c[4:-4]) for c in _categories()), reverse=True)[:k]
-    peak = row["peak_mib"] or 1.0
-    return ", ".join(f"{name} {100 * v / peak:.0f}%" for v, name in cats if v > 0)
-
-
-def row_label(r: dict[str, Any]) -> str:
-    return f"{r['bits']}b/up{r['uplink_bits']}/{r['algorithm']}/ckpt-{r['checkpointing']}"
-
-
-def write_outputs(rows: list[dict[str, Any]], out: Path, title: str = "") -> tuple[Path, Path]:
-    """Write ``memory.csv`` and ``memory.png`` (stacked bars per category) into ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    out.mkdir(parents=True, exist_ok=True)
-    cats = _categories()
-    lead = ID_COLUMNS + ["peak_mib"] + cats + ["ratio"]
-    df = pd.DataFrame(rows)
-    df = df[lead + [c for c in df.columns if c not in lead]]
-    csv_path = out / "memory.csv"
-    df.to_csv(csv_path, index=False)
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.8))
-    bottom = [0.0] * len(rows)
-    colors = plt.get_cmap("tab10").colors
-    x = list(range(len(rows)))
-    for j, c in enumerate(cats):
-        vals = [float(r[c]) for r in rows]
-        if not any(vals):
-            continue
-        ax.bar(x, vals, bottom=bottom, label=c[4:-4], color=colors[j % len(colors)])
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    for i, r in enumerate(rows):
-        ax.text(i, bottom[i], f"{r['peak_mib']:.0f}\n{r['ratio']:.2f}x", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x)
-    ax.set_xticklabels([row_label(r) for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("peak tracked memory (MiB)")
-    ax.set_title(title or "client memory per round (MemTracker peak)")
-    ax.set_ylim(0, max(bottom) * 1.2 if bottom and max(bottom) > 0 else 1)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    png_path = out / "memory.png"
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return csv_path, png_path
-
-
-def rich_table(rows: list[dict[str, Any]], title: str) -> Any:
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in ["bits", "uplink", "algorithm", "ckpt", "peak MiB", "ratio", "train MiB"] + \
-            [c[4:-4] for c in _categories()] + ["saved f32/i8", "RSS MiB", "upload MiB", "dominant"]:
-        t.add_column(c, justify="left" if c in ("algorithm", "dominant") else "right")
-    for r in rows:
-        saved = f"{r.get('saved_float32_mib', 0.0):.1f}/{r.get('saved_int8_mib', 0.0):.1f}"
-        t.add_row(str(r["bits"]), str(r["uplink_bits"]), r["algorithm"], r["checkpointing"], f"{r['peak_mib']:.1f}",
-                  f"{r['ratio']:.3f}", f"{r.get('train_peak_mib', r['peak_mib']):.1f}",
-                  *[f"{r[c]:.1f}" for c in _categories()], saved, f"{r['rss_peak_mib']:.0f}",
-                  f"{r['upload_mib']:.1f}", dominant(r))
-    return t
-
-
 def profile_rows(
     combos: list[dict[str, Any]],
     base: dict[str, Any],
@@ -326,15 +235,15 @@ def profile_command(
     try:
         base.override({"algorithm": "fedavg" if local_steps > 1 else "fedsgd",
                        "local_steps": local_steps if local_steps > 1 else 1}).validate(known_workloads=workload_names())
-        if workload == "asr":
-            from fedaqt.models.conformer_asr import SIZES
-
-            if model_size not in SIZES:
-                raise ConfigError(f"model_size={model_size!r} is not allowed; choose one of: {', '.join(SIZES)}")
         from fedaqt.plugins import get_workload_class
 
-        get_workload_class(workload)(base).prepare()  # data present? (fails here, before any process starts)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        # through the workload itself (no per-workload special case): its data are present and its model builds
+        # with these settings (e.g. ASR's model_size), here, before any process starts
+        probe = get_workload_class(workload)(base)
+        probe.prepare()
+        probe.build_model()  # dropped at once; a bad workload setting raises here, naming it
+        del probe
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2)
     combos = [
