@@ -27,11 +27,23 @@ from typing import Any, Iterable
 
 from fedaqt.config import ConfigError
 
-#: columns written first in rounds.csv (more follow, e.g. workload metrics and strategy statistics)
-ROUND_COLUMNS = [
-    "round", "train_loss", "eval_loss", "eval_wer", "eval_cer", "real_wer", "real_cer",
-    "bytes_down", "bytes_up", "clients_ok", "clients_sampled", "seconds",
-]
+#: generic columns written first in rounds.csv, before the workload's ``eval_columns`` (:func:`round_columns`)
+ROUND_HEAD = ["round", "train_loss"]
+#: generic columns written after the workload's ``eval_columns`` (more follow, e.g. strategy statistics)
+ROUND_TAIL = ["bytes_down", "bytes_up", "clients_ok", "clients_sampled", "seconds"]
+
+
+def round_columns(eval_columns: Iterable[str] = ()) -> list[str]:
+    """The leading columns of rounds.csv for a workload whose ``evaluate`` returns ``eval_columns``:
+    :data:`ROUND_HEAD` + ``eval_columns`` + :data:`ROUND_TAIL` (each name once, in that order). A run's
+    rounds.csv has only its own workload's columns (an image run has no empty ASR WER columns)."""
+    cols: list[str] = []
+    for c in [*ROUND_HEAD, *eval_columns, *ROUND_TAIL]:
+        if c not in cols:
+            cols.append(c)
+    return cols
+
+
 CLIENT_COLUMNS = [
     "round", "client_id", "node_id", "ray_node_id", "status", "num_examples", "train_loss", "seconds", "bytes_up", "error",
 ]
@@ -261,14 +273,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class RunDir:
     """Paths and writers of one run directory (created if missing)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, eval_columns: Iterable[str] = ()) -> None:
+        """``eval_columns``: the workload's metric names (``Workload.eval_columns``), placed after ``train_loss`` in
+        a new rounds.csv (:func:`round_columns`); an existing rounds.csv keeps its header (resume), widened by name
+        only when rows bring new keys."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.rounds = CsvLog(self.root / "rounds.csv", ROUND_COLUMNS)
+        self.round_columns = round_columns(eval_columns)
+        self.rounds = CsvLog(self.root / "rounds.csv", self.round_columns)
         self.clients = CsvLog(self.root / "clients.csv", CLIENT_COLUMNS)
 
     def _reopen(self) -> None:
-        self.rounds = CsvLog(self.root / "rounds.csv", ROUND_COLUMNS)
+        self.rounds = CsvLog(self.root / "rounds.csv", self.round_columns)
         self.clients = CsvLog(self.root / "clients.csv", CLIENT_COLUMNS)
 
     def clear_results(self) -> list[str]:

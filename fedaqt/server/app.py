@@ -267,9 +267,9 @@ class Server:
     def __init__(self, config: RunConfig, run_dir: str | Path, progress: ProgressFn | None = None, resume: bool = False) -> None:
         self.config = config
         seed_everything(config.seed)
-        self.run = RunDir(run_dir)
         self.progress = progress
         self.workload: Workload = get_workload_class(config.workload)(config)
+        self.run = RunDir(run_dir, eval_columns=self.workload.eval_columns)  # rounds.csv: this workload's columns
         self.model = self.workload.build_model()
         self.spec = make_spec(config, self.workload, self.model)
         plugin = get_strategy_plugin(config.strategy)
