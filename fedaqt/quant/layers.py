@@ -312,20 +312,21 @@ class QuantLinear(QuantLayer):
                 f"bias={self.bias is not None}, {self._quant_repr()}")
 
 
-# =============================================================================== Conv1d
-class _QuantConv1dFn(torch.autograd.Function):
-    """y = s_x s_w conv1d(q_x, q_w) + b; saves only (q_x int8, q_w int8, s_x, s_w)."""
+# =============================================================================== Conv1d / Conv2d
+class _QuantConvFn(torch.autograd.Function):
+    """y = s_x s_w convNd(q_x, q_w) + b for a :class:`_QuantConvNd` layer (N = ``layer._dims``, 1 or 2); saves only
+    (q_x int8, q_w int8, s_x, s_w)."""
 
     @staticmethod
     def forward(ctx, x, codes, w_scale, bias, anchor, layer):  # type: ignore[override]
         dtype = x.dtype
         xq, sx = quantize_activation(x, ACT_BITS)
-        acc = F.conv1d(xq.to(dtype), codes.to(dtype), None, layer.stride, layer.padding, layer.dilation,
-                       layer.groups)
-        y = acc * broadcast_scale(sx * w_scale.to(dtype), 2)
+        acc = layer._conv(xq.to(dtype), codes.to(dtype), None, layer.stride, layer.padding, layer.dilation,
+                          layer.groups)
+        y = acc * broadcast_scale(sx * w_scale.to(dtype), 1 + layer._dims)
         del acc
         if bias is not None:
-            y = y + bias.to(dtype).reshape(1, -1, 1)
+            y = y + bias.to(dtype).reshape(1, -1, *([1] * layer._dims))
         ctx.save_for_backward(xq, codes, sx, w_scale)
         ctx.layer = layer
         ctx.has_bias = bias is not None
@@ -334,58 +335,57 @@ class _QuantConv1dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         xq, codes, sx, w_scale = ctx.saved_tensors
-        layer: QuantConv1d = ctx.layer
+        layer: _QuantConvNd = ctx.layer
         dtype = grad_y.dtype
         grad_x = grad_b = None
         args = (layer.stride, layer.padding, layer.dilation, layer.groups)
         if ctx.needs_input_grad[0]:
             w_hat = dequantize(codes, w_scale.to(dtype))
-            grad_x = torch.nn.grad.conv1d_input(xq.shape, w_hat, grad_y, *args)
+            grad_x = layer._conv_input(xq.shape, w_hat, grad_y, *args)
             del w_hat
         if layer.weight_requires_grad:
             x_hat = xq.to(dtype) * sx.to(dtype)
-            grad_w = torch.nn.grad.conv1d_weight(x_hat, codes.shape, grad_y, *args)
+            grad_w = layer._conv_weight(x_hat, codes.shape, grad_y, *args)
             del x_hat
             layer._deliver_weight_grad(grad_w)
             del grad_w
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_b = grad_y.sum(dim=(0, 2))
+            grad_b = grad_y.sum(dim=(0, *range(2, 2 + layer._dims)))
         return grad_x, None, None, grad_b, None, None
 
 
-def _single(v, name: str) -> tuple[int]:
+def _ntuple(v, n: int, name: str) -> tuple[int, ...]:
+    """An int or an ``n``-tuple/list of ints -> ``n``-tuple of ints. Raises ValueError naming ``name`` and ``v``."""
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be an int or a {n}-tuple of ints, got {v!r}")
     if isinstance(v, (tuple, list)):
-        if len(v) != 1:
-            raise ValueError(f"{name} must be an int or a 1-tuple, got {v!r}")
-        v = v[0]
-    return (int(v),)
+        if len(v) != n:
+            raise ValueError(f"{name} must be an int or a {n}-tuple, got {v!r}")
+        return tuple(int(e) for e in v)
+    return (int(v),) * n
 
 
-class QuantConv1d(QuantLayer):
-    """Drop-in for :class:`torch.nn.Conv1d` (zero padding) holding int8/int4 kernel codes + scale (spec 2.2).
+class _QuantConvNd(QuantLayer):
+    """What :class:`QuantConv1d` and :class:`QuantConv2d` share: the native forward/backward (:class:`_QuantConvFn`),
+    argument checks, :meth:`from_float` and the repr. A subclass sets ``_dims`` (spatial dims), ``_float_type``
+    (the ``nn.ConvNd`` it replaces), ``_conv`` / ``_conv_input`` / ``_conv_weight`` (``F.convNd`` and
+    ``torch.nn.grad.convNd_input/weight``) and ``_layout`` (the spatial axes' names in error messages)."""
 
-    Covers the Conformer conv module: pointwise (``kernel_size=1``) and depthwise (``groups=channels``) convs.
-    The virtual weight is ``[out_channels, in_channels // groups, kernel_size]``.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv1d``
-            (``padding`` an int or 1-tuple; use the converter for ``"same"``/``"valid"``).
-        bits: 8 or 4. granularity: ``"tensor"`` or ``"channel"`` (scale ``[out_channels]``).
-
-    Shapes: input ``[B, C_in, L]`` (or unbatched ``[C_in, L]``) -> ``[B, C_out, L_out]``.
-
-    Raises:
-        ValueError: bad bits/granularity/groups/padding.
-    """
+    _dims: int
+    _float_type: type
+    _conv: Callable
+    _conv_input: Callable
+    _conv_weight: Callable
+    _layout: str
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         bias: bool = True,
         bits: int = 8,
@@ -394,20 +394,26 @@ class QuantConv1d(QuantLayer):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        cls = type(self).__name__
         if isinstance(padding, str):
-            raise ValueError(f"QuantConv1d needs an integer padding, got {padding!r} (convert_to_quantized "
-                             "resolves 'same'/'valid')")
+            raise ValueError(f"{cls} needs an integer padding, got {padding!r} ({cls}.from_float and "
+                             "convert_to_quantized resolve 'same'/'valid')")
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
                              f"groups={groups}")
+        n = self._dims
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
-        self.kernel_size = _single(kernel_size, "kernel_size")
-        self.stride = _single(stride, "stride")
-        self.padding = _single(padding, "padding")
-        self.dilation = _single(dilation, "dilation")
+        self.kernel_size = _ntuple(kernel_size, n, "kernel_size")
+        self.stride = _ntuple(stride, n, "stride")
+        self.padding = _ntuple(padding, n, "padding")
+        self.dilation = _ntuple(dilation, n, "dilation")
         self.groups = int(groups)
-        shape = (self.out_channels, self.in_channels // self.groups, self.kernel_size[0])
+        for what, v, lo in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                            ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if min(v) < lo:
+                raise ValueError(f"{cls}: {what} must be >= {lo}, got {v}")
+        shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
         self._init_quant(shape, bits, granularity, dtype, device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_channels, dtype=dtype or torch.get_default_dtype(),
@@ -416,29 +422,31 @@ class QuantConv1d(QuantLayer):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv1d, bits: int, granularity: str, weight_key: str = "") -> "QuantConv1d":
-        """Build from an ``nn.Conv1d`` (``padding_mode='zeros'``): quantize its kernel and reuse its bias.
+    def from_float(cls, conv: nn.Module, bits: int, granularity: str, weight_key: str = "") -> "_QuantConvNd":
+        """Build from an ``nn.Conv1d`` / ``nn.Conv2d`` (``padding_mode='zeros'``): quantize its kernel (max-abs
+        scale in the weight's dtype, spec 2.2 step 1) and reuse its bias Parameter.
 
         Raises:
-            ValueError: unsupported ``padding_mode`` or a ``"same"`` padding that is not symmetric.
+            ValueError: unsupported ``padding_mode`` or a ``"same"`` padding that is not symmetric (even effective
+                kernel); the message names ``weight_key``.
         """
+        name = weight_key or cls._float_type.__name__
         if conv.padding_mode != "zeros":
-            raise ValueError(f"{weight_key or 'Conv1d'}: padding_mode {conv.padding_mode!r} is not supported "
-                             "(only 'zeros')")
+            raise ValueError(f"{name}: padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
         padding = conv.padding
         if isinstance(padding, str):
             if padding == "valid":
-                padding = 0
-            else:  # "same" (stride 1 enforced by nn.Conv1d)
-                total = conv.dilation[0] * (conv.kernel_size[0] - 1)
-                if total % 2:
-                    raise ValueError(f"{weight_key or 'Conv1d'}: padding='same' with an even effective kernel "
-                                     "is asymmetric and not supported")
-                padding = total // 2
+                padding = (0,) * cls._dims
+            else:  # "same" (stride 1 enforced by nn.ConvNd)
+                totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+                if any(t % 2 for t in totals):
+                    raise ValueError(f"{name}: padding='same' with an even effective kernel "
+                                     f"{tuple(t + 1 for t in totals)} is asymmetric and not supported")
+                padding = tuple(t // 2 for t in totals)
         w = conv.weight.detach()
-        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], stride=conv.stride[0],
-                padding=_single(padding, "padding")[0], dilation=conv.dilation[0], groups=conv.groups,
-                bias=False, bits=bits, granularity=granularity, dtype=w.dtype, device=w.device)
+        m = cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), stride=tuple(conv.stride),
+                padding=tuple(padding), dilation=tuple(conv.dilation), groups=conv.groups, bias=False, bits=bits,
+                granularity=granularity, dtype=w.dtype, device=w.device)
         if conv.bias is not None:
             m.bias = conv.bias
         m.requantize_(w)
@@ -446,29 +454,88 @@ class QuantConv1d(QuantLayer):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C_in, L]`` (or ``[C_in, L]``) float -> ``[B, C_out, L_out]`` in the input dtype.
+        """``[B, C_in, *spatial]`` (or unbatched ``[C_in, *spatial]``) float -> ``[B, C_out, *spatial_out]`` in the
+        input dtype.
 
         Raises:
             ValueError: wrong input rank or channel count.
         """
-        unbatched = x.dim() == 2
+        unbatched = x.dim() == 1 + self._dims
         if unbatched:
             x = x.unsqueeze(0)
-        if x.dim() != 3 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.weight_key or 'QuantConv1d'}: expected input [B, {self.in_channels}, L], "
-                             f"got {tuple(x.shape)}")
+        if x.dim() != 2 + self._dims or x.shape[1] != self.in_channels:
+            raise ValueError(f"{self.weight_key or type(self).__name__}: expected input [B, {self.in_channels}, "
+                             f"{self._layout}], got {tuple(x.shape)}")
         anchor = _grad_anchor() if self.weight_requires_grad else None
-        y = _QuantConv1dFn.apply(x, self.codes, self.scale, self.bias, anchor, self)
+        y = _QuantConvFn.apply(x, self.codes, self.scale, self.bias, anchor, self)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
              f"padding={self.padding}")
-        if self.dilation != (1,):
+        if self.dilation != (1,) * self._dims:
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
         return s + f", bias={self.bias is not None}, {self._quant_repr()}"
+
+
+class QuantConv1d(_QuantConvNd):
+    """Drop-in for :class:`torch.nn.Conv1d` (zero padding) holding int8/int4 kernel codes + scale (spec 2.2).
+
+    Covers the Conformer conv module: pointwise (``kernel_size=1``) and depthwise (``groups=channels``) convs.
+    The virtual weight is ``[out_channels, in_channels // groups, kernel_size]``; forward/backward are native
+    (integer operands, a custom autograd Function saving only the int8 input codes, the int8 kernel codes and the
+    two scales).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv1d``
+            (each an int or a 1-tuple; integer padding only, :meth:`from_float` resolves ``"same"``/``"valid"``).
+        bits: 8 or 4. granularity: ``"tensor"`` or ``"channel"`` (scale ``[out_channels]``).
+        dtype, device: of the scale buffer and bias (codes are int8).
+
+    Shapes: input ``[B, C_in, L]`` (or unbatched ``[C_in, L]``) -> ``[B, C_out, L_out]`` in the input's dtype.
+
+    Raises:
+        ValueError: bad bits/granularity/groups/padding/kernel values (the message names the value).
+    """
+
+    _dims = 1
+    _float_type = nn.Conv1d
+    _conv = staticmethod(F.conv1d)
+    _conv_input = staticmethod(torch.nn.grad.conv1d_input)
+    _conv_weight = staticmethod(torch.nn.grad.conv1d_weight)
+    _layout = "L"
+
+
+class QuantConv2d(_QuantConvNd):
+    """Drop-in for :class:`torch.nn.Conv2d` (zero padding) holding int8/int4 kernel codes + scale (spec 2.2).
+
+    The virtual weight is ``[out_channels, in_channels // groups, kH, kW]``; forward/backward are native (integer
+    operands, a custom autograd Function saving only the int8 input codes, the int8 kernel codes and the two
+    scales), covering stride, padding, dilation, groups (incl. depthwise ``groups=in_channels``) and bias.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv2d``
+            (each of ``kernel_size``/``stride``/``padding``/``dilation`` an int or a 2-tuple; integer padding only,
+            :meth:`from_float` resolves ``"same"``/``"valid"``).
+        bits: 8 or 4 (int4 codes in ``[-7, 7]`` held in int8). granularity: ``"tensor"`` (0-d scale) or
+            ``"channel"`` (scale ``[out_channels]``).
+        dtype, device: of the scale buffer and bias (codes are int8).
+
+    Shapes: input ``[B, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) floating -> ``[B, C_out, H_out, W_out]`` in
+    the input's dtype.
+
+    Raises:
+        ValueError: bad bits/granularity/groups/padding/kernel values (the message names the value).
+    """
+
+    _dims = 2
+    _float_type = nn.Conv2d
+    _conv = staticmethod(F.conv2d)
+    _conv_input = staticmethod(torch.nn.grad.conv2d_input)
+    _conv_weight = staticmethod(torch.nn.grad.conv2d_weight)
+    _layout = "H, W"
 
 
 # =============================================================================== MultiheadAttention
@@ -660,175 +727,3 @@ class QuantMultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
                 f"batch_first={self.batch_first}, bits={self.bits}, granularity={self.granularity!r}")
-
-
-# =============================================================================== Conv2d
-class _QuantConv2dFn(torch.autograd.Function):
-    """y = s_x s_w conv2d(q_x, q_w) + b; saves only (q_x int8, q_w int8, s_x, s_w)."""
-
-    @staticmethod
-    def forward(ctx, x, codes, w_scale, bias, anchor, layer):  # type: ignore[override]
-        dtype = x.dtype
-        xq, sx = quantize_activation(x, ACT_BITS)
-        acc = F.conv2d(xq.to(dtype), codes.to(dtype), None, layer.stride, layer.padding, layer.dilation,
-                       layer.groups)
-        y = acc * broadcast_scale(sx * w_scale.to(dtype), 3)
-        del acc
-        if bias is not None:
-            y = y + bias.to(dtype).reshape(1, -1, 1, 1)
-        ctx.save_for_backward(xq, codes, sx, w_scale)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        xq, codes, sx, w_scale = ctx.saved_tensors
-        layer: QuantConv2d = ctx.layer
-        dtype = grad_y.dtype
-        grad_x = grad_b = None
-        args = (layer.stride, layer.padding, layer.dilation, layer.groups)
-        if ctx.needs_input_grad[0]:
-            w_hat = dequantize(codes, w_scale.to(dtype))
-            grad_x = torch.nn.grad.conv2d_input(xq.shape, w_hat, grad_y, *args)
-            del w_hat
-        if layer.weight_requires_grad:
-            x_hat = xq.to(dtype) * sx.to(dtype)
-            grad_w = torch.nn.grad.conv2d_weight(x_hat, codes.shape, grad_y, *args)
-            del x_hat
-            layer._deliver_weight_grad(grad_w)
-            del grad_w
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_b = grad_y.sum(dim=(0, 2, 3))
-        return grad_x, None, None, grad_b, None, None
-
-
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, bool):
-        raise ValueError(f"{name} must be an int or a 2-tuple of ints, got {v!r}")
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name} must be an int or a 2-tuple, got {v!r}")
-        return (int(v[0]), int(v[1]))
-    return (int(v), int(v))
-
-
-class QuantConv2d(QuantLayer):
-    """Drop-in for :class:`torch.nn.Conv2d` (zero padding) holding int8/int4 kernel codes + scale (spec 2.2).
-
-    The virtual weight is ``[out_channels, in_channels // groups, kH, kW]``; forward/backward are native (integer
-    operands, a custom autograd Function saving only the int8 input codes, the int8 kernel codes and the two
-    scales), covering stride, padding, dilation, groups (incl. depthwise ``groups=in_channels``) and bias.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv2d``
-            (each of ``kernel_size``/``stride``/``padding``/``dilation`` an int or a 2-tuple; integer padding only,
-            :meth:`from_float` resolves ``"same"``/``"valid"``).
-        bits: 8 or 4 (int4 codes in ``[-7, 7]`` held in int8). granularity: ``"tensor"`` (0-d scale) or
-            ``"channel"`` (scale ``[out_channels]``).
-        dtype, device: of the scale buffer and bias (codes are int8).
-
-    Shapes: input ``[B, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) floating -> ``[B, C_out, H_out, W_out]`` in
-    the input's dtype.
-
-    Raises:
-        ValueError: bad bits/granularity/groups/padding/kernel values (the message names the value).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        bits: int = 8,
-        granularity: str = "tensor",
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        if isinstance(padding, str):
-            raise ValueError(f"QuantConv2d needs an integer padding, got {padding!r} (QuantConv2d.from_float "
-                             "resolves 'same'/'valid')")
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
-                             f"groups={groups}")
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
-        self.groups = int(groups)
-        for what, v, lo in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-                            ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
-            if min(v) < lo:
-                raise ValueError(f"QuantConv2d: {what} must be >= {lo}, got {v}")
-        shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
-        self._init_quant(shape, bits, granularity, dtype, device)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(self.out_channels, dtype=dtype or torch.get_default_dtype(),
-                                                 device=device))
-        else:
-            self.register_parameter("bias", None)
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, bits: int, granularity: str, weight_key: str = "") -> "QuantConv2d":
-        """Build from an ``nn.Conv2d`` (``padding_mode='zeros'``): quantize its kernel (max-abs scale in the
-        weight's dtype, spec 2.2 step 1) and reuse its bias Parameter.
-
-        Raises:
-            ValueError: unsupported ``padding_mode`` or a ``"same"`` padding that is not symmetric (even effective
-                kernel); the message names ``weight_key``.
-        """
-        name = weight_key or "Conv2d"
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"{name}: padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
-        padding = conv.padding
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding = (0, 0)
-            else:  # "same" (stride 1 enforced by nn.Conv2d)
-                totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-                if any(t % 2 for t in totals):
-                    raise ValueError(f"{name}: padding='same' with an even effective kernel "
-                                     f"{tuple(t + 1 for t in totals)} is asymmetric and not supported")
-                padding = tuple(t // 2 for t in totals)
-        w = conv.weight.detach()
-        m = cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), stride=tuple(conv.stride),
-                padding=tuple(padding), dilation=tuple(conv.dilation), groups=conv.groups, bias=False, bits=bits,
-                granularity=granularity, dtype=w.dtype, device=w.device)
-        if conv.bias is not None:
-            m.bias = conv.bias
-        m.requantize_(w)
-        m.weight_key = weight_key
-        return m
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C_in, H, W]`` (or ``[C_in, H, W]``) float -> ``[B, C_out, H_out, W_out]`` in the input dtype.
-
-        Raises:
-            ValueError: wrong input rank or channel count.
-        """
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.weight_key or 'QuantConv2d'}: expected input [B, {self.in_channels}, H, W], "
-                             f"got {tuple(x.shape)}")
-        anchor = _grad_anchor() if self.weight_requires_grad else None
-        y = _QuantConv2dFn.apply(x, self.codes, self.scale, self.bias, anchor, self)
-        return y.squeeze(0) if unbatched else y
-
-    def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        return s + f", bias={self.bias is not None}, {self._quant_repr()}"
