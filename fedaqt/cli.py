@@ -108,7 +108,7 @@ def run(
             bar.update(task, completed=rnd, info=" ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 
         try:
-            summary = run_experiment(cfg, progress=progress, resume=bool(resume))
+            summary = run_experiment(cfg, progress=progress, resume=bool(resume), preflight_done=True)  # checked above
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
         except RuntimeError:  # the run stopped: run_experiment printed one line with the cause and --resume

@@ -291,7 +291,8 @@ def checkpoint_round(config: RunConfig) -> int:
     return done
 
 
-def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False) -> dict[str, Any]:
+def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False,
+                   preflight_done: bool = False) -> dict[str, Any]:
     """Run one federated experiment end to end; returns the summary written to ``summary.json``.
 
     A new run (``resume=False``) in a directory holding an earlier run moves that run's results aside
@@ -300,11 +301,15 @@ def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False
     With ``resume=True`` the run continues after the last checkpointed round of ``config.out`` (a finished run
     only rewrites its summary, without starting Ray).
 
+    ``preflight_done``: the caller has just run :func:`preflight` on this ``config`` (``fedaqt run`` does, before
+    its header), so it is not run a second time; API callers leave it False and get the same checks.
+
     Raises:
         ConfigError / FileNotFoundError: from :func:`preflight` or the checkpoint check, before Ray starts.
         RuntimeError: the simulation failed (Flower's error, chained).
     """
-    preflight(config)
+    if not preflight_done:
+        preflight(config)
     done = checkpoint_round(config) if resume else 0
     run = RunDir(config.out)
     if not resume:
