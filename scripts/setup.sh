@@ -30,6 +30,7 @@ echo "==> installing fedaqt (torch 2.14.1, torchaudio 2.11.0, flwr[simulation] 1
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, torchaudio, flwr; assert torch.__version__.startswith('2.14.1'), torch.__version__; print('torch', torch.__version__, 'torchaudio', torchaudio.__version__, 'flwr', flwr.__version__)"
+.venv/bin/lint-imports --version >/dev/null  # import-linter (test extra): the layering contracts in pyproject.toml
 
 echo "==> building the default speech corpus in data/speech (skipped when complete)"
 .venv/bin/fedaqt data speech --out data/speech
