@@ -20,7 +20,7 @@ from typing import Any
 
 log = logging.getLogger("fedaqt.sim")
 
-NODEINFO_KEY = "nodeinfo"
+from fedaqt.protocol import NODEINFO_KEY  # noqa: E402,F401 - the reply record key, defined once
 
 
 def runtime_node_id() -> str:
