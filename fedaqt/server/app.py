@@ -521,6 +521,8 @@ class Server:
             keys = list(self.spec.param_shapes)
             normalized = [protocol.normalized_reply(update, keys, n, int(msg.metadata.src_node_id))
                           for msg, update, n in accepted]
+            # the parameters now travel in `normalized`: keep only the buffer deltas (mean_buffers) of the decoded updates
+            accepted = [(msg, {k: update[k] for k in self.spec.buffer_shapes}, n) for msg, update, n in accepted]
             new_arrays, metrics = self.strategy.aggregate_train(rnd, normalized)
             new_buffers = self.mean_buffers(accepted)
             self.record_nodes(replies, rows)
