@@ -299,3 +299,17 @@ def test_server_averages_the_float_buffers_itself(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     for k, v in server.buffers.items():
         assert np.array_equal(ckpt["buffers"][k].numpy(), v), k
+
+
+def test_protocol_imports_only_the_quant_core():
+    """fedaqt.protocol may import fedaqt.quant (and flwr, torch, numpy), nothing else of fedaqt."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import fedaqt.protocol; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('fedaqt'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=120).stdout.split()
+    assert "fedaqt.protocol" in out
+    others = [m for m in out if m not in ("fedaqt", "fedaqt.protocol") and not m.startswith("fedaqt.quant")]
+    assert not others, others
