@@ -43,7 +43,7 @@ from fedaqt.quant.wire import QTensor, record_nbytes
 #: record keys of a train message (server -> client)
 BROADCAST_KEY, QUANT_META_KEY, CONFIG_KEY = "arrays", "quant", "config"
 #: record keys of a train reply (client -> server)
-UPDATE_KEY, METRICS_KEY, ERROR_KEY, PROFILE_KEY = "arrays", "metrics", "error", "profile"
+UPDATE_KEY, METRICS_KEY, ERROR_KEY = "arrays", "metrics", "error"
 #: FedAvg final-codes upload (issue 4): the train-config flag by which the server accepts the final codes + scales
 #: of quantized layers, and the reply ConfigRecord ``{"format": FINAL_CODES_FORMAT, "keys": [...]}`` naming them
 ACCEPT_FINAL_CODES, UPDATE_META_KEY, FINAL_CODES_FORMAT = "accept-final-codes", "update", "final-codes"

@@ -173,7 +173,7 @@ def test_final_codes_reply_forms_the_delta_against_what_was_sent():
 
 # ---------------------------------------------------------------------------------------------- one definition
 #: every key constant of the contract and its value; no other fedaqt module may define one of them
-CONSTANTS = ("BROADCAST_KEY", "QUANT_META_KEY", "CONFIG_KEY", "UPDATE_KEY", "METRICS_KEY", "ERROR_KEY", "PROFILE_KEY",
+CONSTANTS = ("BROADCAST_KEY", "QUANT_META_KEY", "CONFIG_KEY", "UPDATE_KEY", "METRICS_KEY", "ERROR_KEY",
              "ACCEPT_FINAL_CODES", "UPDATE_META_KEY", "FINAL_CODES_FORMAT", "RUN_CONFIG", "SERVER_ROUND",
              "PARTITION_ID", "PROXIMAL_MU", "NUM_EXAMPLES", "NODEINFO_KEY", "CLIENT_DIED_MARK")
 #: values distinctive enough that any string literal equal to one (outside docstrings) is a second definition
@@ -313,3 +313,46 @@ def test_protocol_imports_only_the_quant_core():
     assert "fedaqt.protocol" in out
     others = [m for m in out if m not in ("fedaqt", "fedaqt.protocol") and not m.startswith("fedaqt.quant")]
     assert not others, others
+
+
+# ---------------------------------------------------------------------------------------------- strategy registry
+def test_strategy_plugins_declare_upload_and_old_declarations_still_load():
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedaqt.strategies.quantized import QuantizedMixin
+    from fedaqt.strategies.registry import BUILTIN_STRATEGIES, StrategyPlugin, as_strategy_plugin, plugin_from_class
+
+    want = {"fedsgd": "gradient", "relay": "gradient", "fedavg": "delta", "fedprox": "delta", "fedavgm": "",
+            "fedadam": "", "fedyogi": ""}
+    assert {n: p.upload for n, p in BUILTIN_STRATEGIES.items()} == want
+
+    class Old(QuantizedMixin, FedAvg):
+        """old style: algorithm attribute"""
+        algorithm = "fedsgd"
+
+    class New(QuantizedMixin, FedAvg):
+        """new style"""
+        upload = "delta"
+
+    assert plugin_from_class(Old).upload == "gradient" and plugin_from_class(New).upload == "delta"
+
+    class Legacy:
+        factory, algorithm, description = staticmethod(lambda cfg, spec: None), "fedavg", "x"
+
+    assert as_strategy_plugin(Legacy()).upload == "delta"
+    with pytest.raises(ValueError, match="upload='fedavg'"):
+        StrategyPlugin(lambda c, s: None, "fedavg", "x")
+
+    class OneArg(QuantizedMixin, FedAvg):
+        @classmethod
+        def from_config(cls, cfg):
+            return cls()
+
+    with pytest.raises(TypeError, match=r"from_config\(cls, cfg, spec\)"):
+        plugin_from_class(OneArg)
+    # built complete: spec and seed are constructor arguments, no setup phase
+    spec = BroadcastSpec(bits=32, granularity="tensor", quantized_keys=frozenset(), param_shapes=SHAPES)
+    s = plugin_from_class(New).factory(RunConfig(num_clients=4, clients_per_round=2, seed=9), spec)
+    assert s.spec is spec and s.seed == 9 and (s.min_train_nodes, s.fraction_train) == (2, 0.5)
+    with pytest.raises(TypeError, match="spec"):
+        New(fraction_train=1.0)
