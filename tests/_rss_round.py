@@ -43,7 +43,7 @@ def content_for(cfg, workload):
 
     from fedaqt.quant.convert import quantized_weight_keys
     from fedaqt.quant.wire import encode_broadcast
-    from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, QUANT_META_KEY
+    from fedaqt.protocol import BROADCAST_KEY, CONFIG_KEY, QUANT_META_KEY
 
     model = workload.build_model()
     qkeys = list(quantized_weight_keys(model, workload.quantize_filter)) if cfg.bits < 16 else []
@@ -58,7 +58,7 @@ def content_for(cfg, workload):
 def main(mode: str, bits: int) -> None:
     from fedaqt.client.app import handle_train
     from fedaqt.config import RunConfig
-    from fedaqt.strategies.quantized import BROADCAST_KEY, METRICS_KEY
+    from fedaqt.protocol import BROADCAST_KEY, METRICS_KEY
 
     torch.set_num_threads(1)
     plugins._BUILTIN_WORKLOADS["wide"] = "test_budget:WideWorkload"

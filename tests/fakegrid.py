@@ -8,6 +8,7 @@ from __future__ import annotations
 from flwr.app import Message
 
 from fedaqt.client.app import handle_train
+from fedaqt.protocol import BROADCAST_KEY, CONFIG_KEY, PARTITION_ID, QUANT_META_KEY, RUN_CONFIG
 
 
 class FakeGrid:
@@ -25,7 +26,7 @@ class FakeGrid:
         replies = []
         for msg in messages:
             self.sent.append(msg)
-            pid = int(msg.content["config"]["partition-id"])
+            pid = int(msg.content[CONFIG_KEY][PARTITION_ID])
             if pid in self.fail_partitions:
                 content = handle_train(_break(msg.content))
             else:
@@ -41,6 +42,6 @@ class FakeGrid:
 def _break(content):
     from flwr.app import ConfigRecord, RecordDict
 
-    cfg = ConfigRecord(dict(content["config"]))
-    cfg["run-config"] = "{not json"
-    return RecordDict({"arrays": content["arrays"], "quant": content["quant"], "config": cfg})
+    cfg = ConfigRecord(dict(content[CONFIG_KEY]))
+    cfg[RUN_CONFIG] = "{not json"
+    return RecordDict({BROADCAST_KEY: content[BROADCAST_KEY], QUANT_META_KEY: content[QUANT_META_KEY], CONFIG_KEY: cfg})

@@ -139,7 +139,8 @@ def test_clients_csv_takes_node_id_from_reply_nodeinfo(tmp_path, monkeypatch):
     from fakegrid import FakeGrid
     from fedaqt.config import RunConfig
     from fedaqt.server.app import Server
-    from fedaqt.client.nodeinfo import NODEINFO_KEY, reply_nodeinfo, runtime_node_id
+    from fedaqt.protocol import NODEINFO_KEY
+    from fedaqt.client.nodeinfo import reply_nodeinfo, runtime_node_id
 
     monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "toy", "toy:ToyWorkload")
     torch.set_num_threads(1)

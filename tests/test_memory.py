@@ -171,7 +171,7 @@ def _reply_round(bits, uplink_bits, release):
 
     from fedaqt.client.app import handle_train
     from fedaqt.client.trainer import get_client_model, get_workload
-    from fedaqt.strategies.quantized import BROADCAST_KEY, METRICS_KEY, UPDATE_KEY
+    from fedaqt.protocol import BROADCAST_KEY, METRICS_KEY, UPDATE_KEY
 
     cfg = RunConfig(workload="wide", strategy="fedsgd", bits=bits, uplink_bits=uplink_bits, num_clients=4,
                     clients_per_round=4, seed=0)

@@ -15,6 +15,7 @@ import pytest
 
 import fedaqt.plugins as plugins
 from fedaqt.config import RunConfig
+from fedaqt.protocol import BroadcastSpec
 from fedaqt.strategies.quantized import QuantizedMixin
 from fedaqt.strategies.registry import BUILTIN_STRATEGIES, StrategyPlugin
 
@@ -23,6 +24,11 @@ EXAMPLE = ROOT / "examples" / "fedaqt-example-plugin"
 VENV_BIN = Path(sys.executable).parent
 BUILTIN_WORKLOADS = {"asr", "wrapnet"}
 BUILTIN_STRATEGY_NAMES = {"fedavg", "fedsgd", "relay", "fedprox", "fedavgm", "fedadam", "fedyogi"}
+
+
+def _spec(upload: str = "gradient") -> BroadcastSpec:
+    return BroadcastSpec(bits=32, granularity="tensor", quantized_keys=frozenset(), param_shapes={"w": (2,)},
+                         update_kind=upload or "gradient")
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +71,9 @@ def test_builtins_register_through_entry_points():
     for name in BUILTIN_STRATEGY_NAMES:
         plugin = plugins.get_strategy_plugin(name)
         assert plugin is BUILTIN_STRATEGIES[name]
-        strategy = plugin.factory(RunConfig(strategy=name, algorithm=plugin.algorithm or "fedsgd"))
-        assert isinstance(strategy, QuantizedMixin)
+        algorithm = {"gradient": "fedsgd", "delta": "fedavg", "": "fedsgd"}[plugin.upload]
+        strategy = plugin.factory(RunConfig(strategy=name, algorithm=algorithm), _spec(plugin.upload))
+        assert isinstance(strategy, QuantizedMixin) and strategy.spec.update_kind == (plugin.upload or "gradient")
     rows = {(p.name, p.kind): p for p in plugins.list_plugins()}
     for name in BUILTIN_WORKLOADS:
         assert rows[(name, "workload")].source == "fedaqt" and rows[(name, "workload")].description
@@ -88,8 +95,8 @@ def test_example_plugin_is_found_by_name(with_example):
     workload = plugins.get_workload_class("blobs")
     assert workload.__module__ == "fedaqt_example_plugin"
     plugin = plugins.get_strategy_plugin("fedadagrad")
-    assert isinstance(plugin, StrategyPlugin) and plugin.algorithm == ""
-    strategy = plugin.factory(RunConfig(server_lr=0.2, lr=0.3))
+    assert isinstance(plugin, StrategyPlugin) and plugin.upload == ""
+    strategy = plugin.factory(RunConfig(server_lr=0.2, lr=0.3), _spec())
     assert isinstance(strategy, QuantizedMixin) and (strategy.eta, strategy.eta_l) == (0.2, 0.3)
     rows = {(p.name, p.kind): p for p in plugins.list_plugins()}
     assert rows[("blobs", "workload")].source == "fedaqt-example-plugin"

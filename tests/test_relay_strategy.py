@@ -272,12 +272,15 @@ def test_relay_needs_the_broadcast_codes_of_the_round():
     """Without this round's broadcast codes (or with codes of another bit-width) the relay refuses, naming the key,
     rather than silently re-quantizing the float weight."""
     from fedaqt.quant.wire import QTensor
-    from fedaqt.strategies.quantized import BroadcastSpec
+    from fedaqt.protocol import BroadcastSpec
     from fedaqt.strategies.relay import GradientRelayMixin
 
     class Base:
         def correct_mean_update(self, server_round, mean):
             return mean
+
+        def record_metric(self, name, value):
+            self.metrics[name] = value
 
     class Relay(GradientRelayMixin, Base):
         pass
@@ -285,7 +288,7 @@ def test_relay_needs_the_broadcast_codes_of_the_round():
     w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
     r = Relay()
     r.spec = BroadcastSpec(bits=8, granularity="tensor", quantized_keys=frozenset({"w"}), param_shapes={"w": (3, 4)})
-    r.current_float, r.last_round_stats, r.sent_quantized = {"w": w}, {}, {}
+    r.current_float, r.metrics, r.sent_quantized = {"w": w}, {}, {}
     mean = {"w": torch.ones(3, 4, dtype=torch.float64)}
     with pytest.raises(RuntimeError, match="'w'"):
         r.correct_mean_update(1, mean)

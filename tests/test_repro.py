@@ -149,12 +149,10 @@ def toy_run(tmp_path: Path, seed: int, strategy: str = "fedavgm", shuffle_seed: 
 
 
 def test_partition_schedule_is_a_function_of_seed_and_round():
-    from fedaqt.strategies.registry import BUILTIN_STRATEGIES
+    from fedaqt.server.app import sample_partitions
 
     def sched(seed):
-        s = BUILTIN_STRATEGIES["fedsgd"].factory(RunConfig(num_clients=32, clients_per_round=8))
-        s.setup_quantized(None, {}, seed, 32, 8)
-        return [s.sample_partitions(r) for r in range(1, 11)]
+        return [sample_partitions(seed, r, 32, 8) for r in range(1, 11)]
 
     random.seed(123)
     a = sched(0)
@@ -177,7 +175,7 @@ def test_flower_node_sampling_is_seeded(toy_registered, tmp_path):
         out = []
         for rnd in (1, 2, 3):
             random.random()  # disturb the global RNG between rounds
-            msgs = server.strategy.configure_train(rnd, server.arrays, ConfigRecord(), grid)
+            msgs = server.configure_round(rnd, grid, ConfigRecord())
             out.append(sorted((m.metadata.dst_node_id, int(m.content["config"]["partition-id"])) for m in msgs))
         return out
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from fedaqt.config import ConfigError, RunConfig
-from fedaqt.server.app import STRATEGY_STATE_ATTRS, Server, read_checkpoint
+from fedaqt.server.app import Server, read_checkpoint
+from fedaqt.strategies.quantized import QuantizedMixin
 from fakegrid import FakeGrid
 from test_repro import (
     ASR_ARGS,
@@ -103,15 +104,16 @@ def test_checkpoint_holds_model_optimizer_rounds_and_rng(tmp_path):
     assert set(ckpt["params"]) == set(server.spec.param_shapes)
     for k, t in ckpt["params"].items():
         assert np.array_equal(t.numpy(), server.arrays[k].numpy())
-    attrs = ckpt["strategy"]["attrs"]
-    assert set(attrs) == {a for a in STRATEGY_STATE_ATTRS if hasattr(server.strategy, a)}
+    attrs = ckpt["strategy"]
+    assert set(attrs) == {a for a in QuantizedMixin.STATE_ATTRS if hasattr(server.strategy, a)}
+    assert set(ckpt["buffers"]) == set(server.spec.buffer_shapes)
     assert set(attrs["m_t"]) == set(attrs["v_t"]) == set(server.spec.param_shapes)
     assert set(ckpt["rng"]) == {"python", "numpy", "torch"}
     assert json.loads(ckpt["config"])["seed"] == 2
 
     momentum = Server(toy_config(tmp_path / "m", "fedavgm", rounds=2), tmp_path / "m")
     momentum.run_rounds(FakeGrid(6))
-    state = read_checkpoint(tmp_path / "m" / "checkpoint.pt")["strategy"]["attrs"]
+    state = read_checkpoint(tmp_path / "m" / "checkpoint.pt")["strategy"]
     assert len(state["momentum_vector"]) == len(server.spec.param_shapes)
     assert "__arrayrecord__" in state["current_arrays"]
 

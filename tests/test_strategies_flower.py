@@ -13,9 +13,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
+from fedaqt import protocol
 from fedaqt.config import RunConfig
+from fedaqt.protocol import BroadcastSpec
 from fedaqt.quant.wire import decode_broadcast
-from fedaqt.strategies.quantized import BroadcastSpec
 from fedaqt.strategies.registry import BUILTIN_STRATEGIES, sampling_kwargs
 
 SHAPES = {"enc.weight": (6, 4), "enc.bias": (6,), "dec.weight": (3, 6)}
@@ -66,11 +67,12 @@ CASES = {
 }
 
 
+def _spec(kind: str) -> BroadcastSpec:
+    return BroadcastSpec(bits=32, granularity="tensor", quantized_keys=frozenset(), param_shapes=SHAPES, update_kind=kind)
+
+
 def _ours(name: str, cfg: RunConfig, kind: str):
-    strategy = BUILTIN_STRATEGIES[name].factory(cfg)
-    spec = BroadcastSpec(bits=32, granularity="tensor", quantized_keys=frozenset(), param_shapes=SHAPES, update_kind=kind)
-    strategy.setup_quantized(spec, {}, seed=cfg.seed, num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round)
-    return strategy
+    return BUILTIN_STRATEGIES[name].factory(cfg, _spec(kind))
 
 
 def _reply(msg: Message, arrays: dict[str, np.ndarray], n: int, partition: int | None = None) -> Message:
@@ -121,12 +123,18 @@ def test_builtin_strategy_matches_flower_at_32_bits(name):
         ]
         replies_o = []
         sign = 1.0 if kind == "delta" else -1.0
-        for m in msgs_o:
+        for pid, m in enumerate(msgs_o):
             node = m.metadata.dst_node_id
             local = {k: cur_o[k] + deltas[node][k] for k in SHAPES}
             update = {k: (sign * (local[k] - cur_o[k])).astype(np.float32) for k in SHAPES}
-            replies_o.append(_reply(m, update, NUM_EXAMPLES[node], int(m.content["config"]["partition-id"])))
-        new_o, metrics_o = ours.aggregate_train(rnd, replies_o)
+            replies_o.append(_reply(m, update, NUM_EXAMPLES[node], pid))
+        # what the round loop does: validate each reply, hand the strategy the accepted ones, normalized
+        expect = [protocol.ReplyExpectation(round=rnd, partition=pid, spec=_spec(kind)) for pid in range(len(msgs_o))]
+        checked = [protocol.validate_reply(r, e) for r, e in zip(replies_o, expect)]
+        rows = [row for row, _, _ in checked]
+        assert [r.status for r in rows] == ["ok"] * 3, [r.error for r in rows]
+        normalized = [protocol.normalized_reply(u, list(SHAPES), n, row.node_id) for row, u, n in checked]
+        new_o, metrics_o = ours.aggregate_train(rnd, normalized)
         new_f, _ = theirs.aggregate_train(rnd, replies_f)
         assert new_o is not None and new_f is not None
         assert metrics_o["num-examples"] == sum(NUM_EXAMPLES.values())
@@ -137,11 +145,11 @@ def test_builtin_strategy_matches_flower_at_32_bits(name):
             np.testing.assert_allclose(a_o[k], a_f[k], rtol=1e-5, atol=2e-6, err_msg=f"{name} round {rnd} {k}")
             assert not np.allclose(a_o[k], cur_o[k])  # the model moved
         w_ours, w_flwr = new_o, new_f
-    assert [r.status for r in ours.last_client_rows] == ["ok"] * 3
+    assert [r.status for r in rows] == ["ok"] * 3
 
 
 def test_fedavg_ignores_server_lr_fedavgm_uses_it():
     cfg = RunConfig(strategy="fedavg", algorithm="fedavg", server_lr=0.05, server_momentum=0.9, num_clients=3, clients_per_round=3)
-    assert type(BUILTIN_STRATEGIES["fedavg"].factory(cfg)).__mro__[2] is FedAvg
-    m = BUILTIN_STRATEGIES["fedavgm"].factory(cfg)
+    assert type(BUILTIN_STRATEGIES["fedavg"].factory(cfg, _spec("delta"))).__mro__[2] is FedAvg
+    m = BUILTIN_STRATEGIES["fedavgm"].factory(cfg, _spec("delta"))
     assert (m.server_learning_rate, m.server_momentum) == (0.05, 0.9)

@@ -15,8 +15,9 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-import fedaqt.strategies.quantized as quantized
-from fedaqt.client.app import ACCEPT_FINAL_CODES, FINAL_CODES_FORMAT, UPDATE_META_KEY, handle_train
+import fedaqt.protocol as quantized  # the message contract: client and server use its constants
+from fedaqt.client.app import handle_train
+from fedaqt.protocol import ACCEPT_FINAL_CODES, FINAL_CODES_FORMAT, UPDATE_META_KEY
 from fedaqt.client.trainer import (
     UploadBuffer,
     build_client_model,
@@ -224,14 +225,17 @@ def test_fedavg_final_codes_minus_sent_equals_delta(granularity):
 
 @pytest.mark.parametrize("name", ["ACCEPT_FINAL_CODES", "UPDATE_META_KEY", "FINAL_CODES_FORMAT"])
 def test_final_codes_constants_match_the_strategy(name):
-    """The client (fedaqt.client.app) and the server strategy (fedaqt.strategies.quantized) each define the
-    final-codes protocol constants; both must exist and agree (a missing one fails, it is not skipped)."""
+    """The final-codes protocol constants are defined once, in fedaqt.protocol (a missing one fails, it is not
+    skipped); the client and the server modules do not define a value of their own (tests/test_protocol.py greps
+    the sources for a second definition)."""
     import fedaqt.client.app as client_app
+    import fedaqt.server.app as server_app
+    import fedaqt.strategies.quantized as strategy
 
-    assert hasattr(quantized, name), f"fedaqt.strategies.quantized has no {name}"
-    assert hasattr(client_app, name), f"fedaqt.client.app has no {name}"
+    assert hasattr(quantized, name), f"fedaqt.protocol has no {name}"
     assert isinstance(getattr(quantized, name), str) and getattr(quantized, name)
-    assert getattr(quantized, name) == getattr(client_app, name)
+    for module in (client_app, server_app, strategy):
+        assert getattr(module, name, getattr(quantized, name)) == getattr(quantized, name), module.__name__
 
 
 def test_fedavg_final_codes_through_the_server(tmp_path):

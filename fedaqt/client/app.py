@@ -3,41 +3,44 @@
 A client that raises does not lose the round for the others: it replies with an ``error`` ConfigRecord that the
 server records in ``clients.csv`` (status ``error``) and does not aggregate.
 
-Reply content (train): ``arrays`` (ArrayRecord, the update encoded at ``uplink_bits``, see
-:class:`fedaqt.client.trainer.UploadBuffer`), ``metrics`` (MetricRecord: ``partition-id``, ``num-examples``,
-``train_loss``, ``seconds``, ``changed_fraction``, ``upload_bytes``, ``pid`` and the memory profile
-``rss_peak_mib`` [+ ``peak_mib``, ``mem_<category>_mib`` when profiled], all written to ``clients.csv``), and for a
-FedAvg final-codes upload a ConfigRecord ``update`` = ``{"format": "final-codes", "keys": [...]}`` naming the keys
-whose arrays are final weights (codes + scales) rather than deltas. The client sends final codes only when the
-train config says ``accept-final-codes = True`` (a server that forms the delta from what it sent).
+The message contract (record keys, encode/decode) is :mod:`fedaqt.protocol`. Reply content (train): ``arrays``
+(ArrayRecord, the update encoded at ``uplink_bits``, see :class:`fedaqt.client.trainer.UploadBuffer`), ``metrics``
+(MetricRecord: ``partition-id``, ``num-examples``, ``train_loss``, ``seconds``, ``changed_fraction``,
+``upload_bytes``, ``pid`` and the memory profile ``rss_peak_mib`` [+ ``peak_mib``, ``mem_<category>_mib`` when
+profiled], all written to ``clients.csv``), ``nodeinfo``, and for a FedAvg final-codes upload a ConfigRecord
+``update`` = ``{"format": "final-codes", "keys": [...]}`` naming the keys whose arrays are final weights (codes +
+scales) rather than deltas. The client sends final codes only when the train config says
+``accept-final-codes = True`` (a server that forms the delta from what it sent).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import traceback
 from typing import Any, Iterator
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedaqt.client.memory import MemoryProbe, profiling_requested
 from fedaqt.client.trainer import client_round, get_client_model, get_workload, load_broadcast
 from fedaqt.config import RunConfig
+from fedaqt.protocol import (
+    BROADCAST_KEY,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    QUANT_META_KEY,
+    decode_train,
+    encode_error_reply,
+    encode_reply,
+    train_partition_id,
+)
 from fedaqt.quant.wire import QTensor, iter_decode_broadcast, record_nbytes
-from fedaqt.client.nodeinfo import NODEINFO_KEY, reply_nodeinfo
-from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, ERROR_KEY, METRICS_KEY, QUANT_META_KEY, UPDATE_KEY
+from fedaqt.client.nodeinfo import reply_nodeinfo
 
 log = logging.getLogger("fedaqt.client")
-
-#: train-config flag of a server that accepts FedAvg final codes + scales (and forms the delta itself)
-ACCEPT_FINAL_CODES = "accept-final-codes"
-#: reply ConfigRecord describing the update format (present only for a final-codes upload)
-UPDATE_META_KEY = "update"
-FINAL_CODES_FORMAT = "final-codes"
 
 app = ClientApp()
 
@@ -61,10 +64,10 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
             are decoded. False (in-process callers that share the content): the bytes stay and are counted as
             held for the whole round.
     """
-    cfg_rec = content[CONFIG_KEY]
-    pid = int(cfg_rec.get("partition-id", node_partition if node_partition is not None else -1))
+    pid = train_partition_id(content, node_partition)
     try:
-        config = RunConfig.from_mapping(json.loads(str(cfg_rec["run-config"])), source="broadcast")
+        instr = decode_train(content, node_partition)
+        config = RunConfig.from_mapping(instr.run_config, source="broadcast")
         torch.set_num_threads(max(1, int(config.client_num_cpus)))
         workload = get_workload(config)
         model = get_client_model(workload, config)
@@ -76,35 +79,26 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
             decoded = iter_decode_broadcast(arrays, content[QUANT_META_KEY], release=release_broadcast)
             load_broadcast(model, _counted(decoded, probe, arrays if release_broadcast else None))
             del decoded
-            final_codes = (config.algorithm == "fedavg" and config.bits < 16
-                           and bool(cfg_rec.get(ACCEPT_FINAL_CODES, False)))
+            final_codes = config.algorithm == "fedavg" and config.bits < 16 and instr.accept_final_codes
             result = client_round(
                 workload,
                 model,
                 config,
                 client_id=pid,
-                round_num=int(cfg_rec["server-round"]),
-                proximal_mu=float(cfg_rec.get("proximal-mu", 0.0)),
+                round_num=instr.server_round,
+                proximal_mu=instr.proximal_mu,
                 final_codes=final_codes,
                 probe=probe,
             )
             final_code_keys = result.final_code_keys
             update_record = result.upload.to_array_record(release=True, probe=probe if probe.active else None)
-        metrics = {"partition-id": pid, "num-examples": result.num_examples, "pid": os.getpid(), **result.metrics,
+        metrics = {PARTITION_ID: pid, NUM_EXAMPLES: result.num_examples, "pid": os.getpid(), **result.metrics,
                    **probe.profile.metrics()}
-        records = {UPDATE_KEY: update_record, METRICS_KEY: MetricRecord(metrics)}
-        records[NODEINFO_KEY] = reply_nodeinfo()  # Ray node id + hostname -> clients.csv ray_node_id
-        if final_code_keys:
-            records[UPDATE_META_KEY] = ConfigRecord({"format": FINAL_CODES_FORMAT, "keys": final_code_keys})
-        return RecordDict(records)
+        # nodeinfo: Ray node id + hostname -> clients.csv ray_node_id
+        return encode_reply(update_record, metrics, final_code_keys, nodeinfo=reply_nodeinfo())
     except Exception as exc:  # noqa: BLE001 - reported to the server, which records and skips this client
         log.error("client %s failed: %s", pid, traceback.format_exc())
-        return RecordDict(
-            {
-                METRICS_KEY: MetricRecord({"partition-id": pid, "num-examples": 0}),
-                ERROR_KEY: ConfigRecord({"error": error_text(exc)}),
-            }
-        )
+        return encode_error_reply(pid, error_text(exc))
 
 
 def _counted(decoded: Iterator[tuple[str, Any]], probe: MemoryProbe, released: Any) -> Iterator[tuple[str, Any]]:
@@ -136,7 +130,7 @@ def error_text(exc: BaseException, limit: int = 400) -> str:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node_partition = context.node_config.get("partition-id")
+    node_partition = context.node_config.get(PARTITION_ID)  # Flower's node-config key of the same name
     # the delivered message is this client's own copy: free the broadcast as it is decoded into the model
     reply = handle_train(msg.content, int(node_partition) if node_partition is not None else None,
                          release_broadcast=True)

@@ -11,7 +11,7 @@ import socket
 import sys
 from typing import Any
 
-NODEINFO_KEY = "nodeinfo"
+from fedaqt.protocol import NODEINFO_KEY  # noqa: F401 - the reply record key, defined once in the contract
 
 
 def runtime_node_id() -> str:

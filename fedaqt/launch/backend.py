@@ -15,7 +15,7 @@ Why our own backend: in Flower 1.42 (``flwr/server/superlink/fleet/vce/backend/r
 short ``ray.wait`` slices and
 
 * replaces a dead actor by a fresh one (only the client-round that ran on it is lost; the reply is a Flower error
-  whose reason holds :data:`fedaqt.strategies.quantized.CLIENT_DIED_MARK`, recorded as status ``died``);
+  whose reason holds :data:`fedaqt.protocol.CLIENT_DIED_MARK`, recorded as status ``died``);
 * kills (``ray.kill``) and replaces the actor of a message the server no longer waits for: the server calls
   :func:`abandon_before` after every round's ``send_and_receive`` with the time it stopped waiting, and every message
   created before it that is still running is abandoned (the server has already recorded it as ``timeout``);
@@ -37,8 +37,8 @@ from typing import Any, Iterator
 
 log = logging.getLogger("fedaqt.launch")
 
-#: marker in the error reason of a message whose actor died (kept equal to the strategy's constant)
-from fedaqt.strategies.quantized import CLIENT_DIED_MARK  # noqa: E402
+#: marker in the error reason of a message whose actor died (the message contract's constant)
+from fedaqt.protocol import CLIENT_DIED_MARK  # noqa: E402
 
 _state_lock = threading.Lock()
 _cutoff = -math.inf  # messages created before this time (time.time()) are no longer awaited

@@ -94,13 +94,12 @@ def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
         RuntimeError: the client round failed (the client's error message).
     """
     import torch
-    from flwr.app import ConfigRecord, RecordDict
 
-    from fedaqt.client.app import ACCEPT_FINAL_CODES, handle_train
+    from fedaqt.client.app import handle_train
     from fedaqt.config import RunConfig
+    from fedaqt.protocol import METRICS_KEY, SERVER_ROUND, encode_train, reply_error, train_config
     from fedaqt.quant.convert import quantized_weight_keys
     from fedaqt.quant.wire import encode_broadcast
-    from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, ERROR_KEY, METRICS_KEY, QUANT_META_KEY
 
     torch.set_num_threads(max(1, int(spec.get("threads", 1))))
     cfg = RunConfig.from_mapping(spec["config"], source="profile")
@@ -122,17 +121,14 @@ def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
     state.update({k: b.detach() for k, b in float_model.named_buffers() if b.is_floating_point()})
     arrays, meta = encode_broadcast(state, qkeys, wire_bits, cfg.granularity)
     del state, float_model
-    train_cfg = ConfigRecord({
-        "run-config": json.dumps(cfg.to_dict(), sort_keys=True),
-        "partition-id": int(spec.get("client_id", 0)),
-        "server-round": int(spec.get("round", 1)),
-        ACCEPT_FINAL_CODES: True,
-    })
-    content = RecordDict({BROADCAST_KEY: arrays, QUANT_META_KEY: meta, CONFIG_KEY: train_cfg})
+    train_cfg = train_config(cfg.to_dict())
+    train_cfg[SERVER_ROUND] = int(spec.get("round", 1))
+    content = encode_train(arrays, meta, train_cfg, partition_id=int(spec.get("client_id", 0)), accept_final_codes=True)
     del arrays  # the client owns the received broadcast and frees it as it decodes
     reply = handle_train(content, profile=True, release_broadcast=True)
-    if ERROR_KEY in reply.config_records:
-        raise RuntimeError(str(reply.config_records[ERROR_KEY]["error"]))
+    error = reply_error(reply)
+    if error is not None:
+        raise RuntimeError(error)
     m = dict(reply.metric_records[METRICS_KEY])
     row: dict[str, Any] = {
         "workload": cfg.workload,

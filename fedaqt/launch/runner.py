@@ -39,14 +39,18 @@ def preflight(config: RunConfig) -> RunConfig:
     """
     config.validate(known_workloads=workload_names(), known_strategies=strategy_names())
     plugin = get_strategy_plugin(config.strategy)
-    if plugin.algorithm and plugin.algorithm != config.algorithm:
+    from fedaqt.server.app import algorithm_upload
+
+    upload = algorithm_upload(config.algorithm)
+    if plugin.upload not in ("", upload):
         if config.strategy == "relay":
             raise ConfigError(
                 f"strategy 'relay' is defined for FedSGD only (spec §2.2 step 6), got algorithm={config.algorithm!r}; "
                 "use --algorithm fedsgd, or another strategy for FedAvg"
             )
         raise ConfigError(
-            f"strategy {config.strategy!r} needs algorithm={plugin.algorithm!r}, got {config.algorithm!r}"
+            f"strategy {config.strategy!r} needs a client algorithm that uploads {plugin.upload}s, got "
+            f"algorithm={config.algorithm!r} (uploads {upload}s)"
         )
     validate_round_options(config)
     if config.device_profile:
@@ -59,8 +63,10 @@ def preflight(config: RunConfig) -> RunConfig:
         workload = get_workload_class(config.workload)(config)
         workload.prepare()
         # build what the server builds, so bad model sizes / option values fail before any file is touched
-        workload.build_model()
-        plugin.factory(config)
+        from fedaqt.server.app import make_spec
+
+        model = workload.build_model()
+        plugin.factory(config, make_spec(config, workload, model))
     except (ValueError, TypeError, KeyError) as exc:
         if isinstance(exc, ConfigError):
             raise

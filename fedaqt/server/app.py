@@ -5,14 +5,30 @@ hook, while a run here must write ``rounds.csv``/``clients.csv`` and an atomic c
 resume from the last complete one. Each round still calls the strategy's own ``configure_train`` /
 ``aggregate_train`` exactly as ``start`` does, and ``grid.send_and_receive`` in between.
 
+The round loop owns the message contract (:mod:`fedaqt.protocol`); the strategy is built complete
+(``StrategyPlugin.factory(config, spec)``) and the server only calls its ``configure_train``, ``aggregate_train``,
+``state_dict`` and ``load_state_dict``, never reads its attributes. Per round the server
+
+1. asks the strategy for the train messages (Flower's node sampling + the quantized broadcast of the float
+   parameters and buffers), assigns each sampled node its data partition (:func:`sample_partitions`, a function of
+   ``(seed, round)``, paired with the nodes in the order the strategy returned them) and writes it, and the
+   final-codes offer of a FedAvg round, into each message's config;
+2. validates every reply (:func:`fedaqt.protocol.validate_reply`: status, shapes, dtypes, finite values, the
+   assigned partition, the example bound, memory budgets), writing one clients.csv row per sampled node
+   (ok / rejected / error / died / over_budget / timeout, with ``ray_node_id``);
+3. hands the strategy only the accepted replies, normalized (:func:`fedaqt.protocol.normalized_reply`), in
+   partition order; moves the float buffers (BatchNorm statistics) by their weighted mean client delta itself;
+4. writes rounds.csv (``bytes_down``/``bytes_up``/``clients_ok`` from the messages and replies, the strategy's
+   returned metrics such as ``relay_norm_ratio`` as further columns) and the checkpoint.
+
 Reproducibility: the server seeds Python's ``random``, numpy's and torch's global generators from
 ``config.seed`` before it builds anything; the strategy re-seeds ``random`` for Flower's node sampling every round
-and draws each round's data partitions from ``(seed, round)``; replies are aggregated in partition order, not
-arrival order, so concurrent Ray workers cannot change the float sums.
+and the server draws each round's data partitions from ``(seed, round)``; replies are aggregated in partition
+order, not arrival order, so concurrent Ray workers cannot change the float sums.
 
 Checkpoint (``RUN_DIR/checkpoint.pt``, replaced atomically after the round's CSV rows are on disk): round number,
-float parameters, the strategy's float buffers (BatchNorm statistics), the Flower strategy's optimizer state
-(:data:`STRATEGY_STATE_ATTRS`, plus ``checkpoint_state()`` of a strategy that defines it), the RNG states of
+float parameters, the float buffers (BatchNorm statistics), the strategy's cross-round state
+(``strategy.state_dict()``: Flower's optimizer state and a subclass's own), the RNG states of
 ``random``/numpy/torch, and the configuration. ``Server(..., resume=True)`` restores all of it and drops CSV rows
 of later rounds, so a run killed mid-round and resumed computes the same rounds as one never interrupted.
 """
@@ -31,16 +47,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from fedaqt import protocol
 from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
 from fedaqt.plugins import get_strategy_plugin, get_workload_class
+from fedaqt.protocol import BROADCAST_KEY, METRICS_KEY, NUM_EXAMPLES, QUANT_META_KEY, BroadcastSpec, ClientRow
 from fedaqt.quant.convert import quantized_weight_keys
+from fedaqt.quant.wire import QTensor, decode_broadcast, record_nbytes
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
 from fedaqt.server.nodes import ActorNodeMap, nodeinfo_of
-from fedaqt.strategies.quantized import BroadcastSpec, ClientRow
 from fedaqt.workloads.base import Workload
 
 log = logging.getLogger("fedaqt.server")
@@ -64,6 +82,32 @@ def float_state_split(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str
     return params, buffers
 
 
+def algorithm_upload(algorithm: str) -> str:
+    """What client algorithm ``algorithm`` uploads: "gradient" or "delta" (the algorithm class's ``upload``; the
+    built-ins fedsgd -> "gradient", fedavg -> "delta" until the algorithm registry provides it).
+
+    Raises:
+        ValueError: an unknown algorithm without an ``upload``.
+    """
+    try:
+        from fedaqt.plugins import get_algorithm_class  # type: ignore[attr-defined]
+    except ImportError:
+        get_algorithm_class = None
+    if get_algorithm_class is not None:
+        return str(get_algorithm_class(algorithm).upload)
+    builtin = {"fedsgd": "gradient", "fedavg": "delta"}
+    if algorithm not in builtin:
+        raise ValueError(f"unknown client algorithm {algorithm!r} (known: {', '.join(builtin)})")
+    return builtin[algorithm]
+
+
+def sample_partitions(seed: int, server_round: int, num_clients: int, clients_per_round: int) -> list[int]:
+    """The data partitions trained in ``server_round``: ``clients_per_round`` distinct ids of ``range(num_clients)``,
+    sorted, a deterministic function of ``(seed, round)`` (numpy ``default_rng([seed, 7919, round])``)."""
+    rng = np.random.default_rng([seed, 7919, server_round])
+    return sorted(rng.choice(num_clients, size=clients_per_round, replace=False).tolist())
+
+
 def make_spec(config: RunConfig, workload: Workload, model: nn.Module) -> BroadcastSpec:
     params, buffers = float_state_split(model)
     qkeys = quantized_weight_keys(model, workload.quantize_filter) if config.bits < 32 else []
@@ -74,7 +118,7 @@ def make_spec(config: RunConfig, workload: Workload, model: nn.Module) -> Broadc
         quantized_keys=frozenset(list(qkeys) + list(extra)),
         param_shapes={k: tuple(v.shape) for k, v in params.items()},
         buffer_shapes={k: tuple(v.shape) for k, v in buffers.items()},
-        update_kind="gradient" if config.algorithm == "fedsgd" else "delta",
+        update_kind=algorithm_upload(config.algorithm),
         final_code_keys=frozenset(qkeys),
     )
 
@@ -86,12 +130,6 @@ def load_into(model: nn.Module, params: dict[str, np.ndarray], buffers: dict[str
 
 # ---------------------------------------------------------------------------------------------- RNG + checkpoint
 CHECKPOINT_FORMAT = 1
-
-#: Flower strategy attributes that carry server-optimizer state between rounds (``flwr.serverapp.strategy``):
-#: FedAvgM ``current_arrays`` (ArrayRecord) + ``momentum_vector`` (list of arrays); FedOpt (FedAdam, FedYogi,
-#: FedAdagrad) ``current_arrays``/``m_t``/``v_t`` (dicts of arrays); QuantizedMixin ``buffers`` (float buffers).
-STRATEGY_STATE_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t", "buffers")
-
 
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, numpy's global generator and torch's CPU generator from ``seed``."""
@@ -166,24 +204,13 @@ def _decode_state(obj: Any) -> Any:
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
-    """The strategy's cross-round state (see :data:`STRATEGY_STATE_ATTRS`), encoded for ``torch.save``."""
-    out: dict[str, Any] = {"attrs": {}}
-    for name in STRATEGY_STATE_ATTRS:
-        if hasattr(strategy, name):
-            out["attrs"][name] = _encode_state(getattr(strategy, name))
-    if callable(getattr(strategy, "checkpoint_state", None)):
-        out["custom"] = _encode_state(strategy.checkpoint_state())
-    return out
+    """``strategy.state_dict()`` (its cross-round state) encoded for ``torch.save``."""
+    return _encode_state(strategy.state_dict())
 
 
 def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
-    """Inverse of :func:`strategy_state`."""
-    for name, value in state.get("attrs", {}).items():
-        setattr(strategy, name, _decode_state(value))
-    if "custom" in state:
-        if not callable(getattr(strategy, "restore_checkpoint_state", None)):
-            raise ValueError("the checkpoint holds custom strategy state but the strategy has no restore_checkpoint_state()")
-        strategy.restore_checkpoint_state(_decode_state(state["custom"]))
+    """Inverse of :func:`strategy_state`: ``strategy.load_state_dict(decoded state)``."""
+    strategy.load_state_dict(_decode_state(state))
 
 
 def semantic_config(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
@@ -273,12 +300,16 @@ class Server:
         self.model = self.workload.build_model()
         self.spec = make_spec(config, self.workload, self.model)
         plugin = get_strategy_plugin(config.strategy)
-        self.strategy = plugin.factory(config)
+        self.strategy = plugin.factory(config, self.spec)
         params, buffers = float_state_split(self.model)
-        self.strategy.setup_quantized(
-            self.spec, buffers, config.seed, config.num_clients, config.clients_per_round, budget_fn=self.budget_fn()
-        )
         self.arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
+        #: the float buffers (BatchNorm statistics): broadcast with the parameters, moved by the mean client delta
+        self.buffers: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in buffers.items()}
+        self.max_examples = self.max_examples_per_reply()
+        self.budget = self.budget_fn()
+        #: this round's node -> assigned data partition, and the broadcast QTensors sent (FedAvg final codes)
+        self.partition_of: dict[int, int] = {}
+        self.sent_quantized: dict[str, QTensor] = {}
         self.start_round = 1
         self.history: list[dict[str, Any]] = []
         self.node_map = ActorNodeMap()
@@ -300,6 +331,7 @@ class Server:
             "round": int(rnd),
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "params": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in self.arrays.items()},
+            "buffers": {k: torch.from_numpy(np.array(v, copy=True)) for k, v in self.buffers.items()},
             "strategy": strategy_state(self.strategy),
             "rng": rng_state(),
             "records": self.run.records(),
@@ -342,7 +374,17 @@ class Server:
         done = int(ckpt["round"])
         self.run.check_resume(done, ckpt.get("records"))
         self.arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
-        restore_strategy_state(self.strategy, ckpt["strategy"])
+        strategy = ckpt["strategy"]
+        if "buffers" in ckpt:
+            buffers = {k: t.numpy() for k, t in ckpt["buffers"].items()}
+        else:  # written before the round loop owned the buffers: {"attrs": {..., "buffers": ...}}
+            attrs = dict(strategy.get("attrs", {}))
+            buffers = _decode_state(attrs.pop("buffers", {}))
+            strategy = attrs
+        if set(buffers) != set(self.buffers):
+            raise ValueError(f"checkpoint {path} does not match the model (float buffer names differ)")
+        self.buffers = {k: np.asarray(v) for k, v in buffers.items()}
+        restore_strategy_state(self.strategy, strategy)
         set_rng_state(ckpt["rng"])
         self.start_round = done + 1
         return done
@@ -363,7 +405,7 @@ class Server:
                 and the ``fedaqt run --resume`` command (the round is not checkpointed, so a resume redoes it).
         """
         params = {k: a.numpy() for k, a in self.arrays.items()}
-        load_into(self.model, params, self.strategy.buffers)
+        load_into(self.model, params, self.buffers)
         try:
             return self.workload.evaluate(self.model, round_num)
         except Exception as exc:  # noqa: BLE001 - one line with the cause and how to continue
@@ -388,13 +430,77 @@ class Server:
         cfg = self.config
         return int(cfg.batch_size * (1 if cfg.algorithm == "fedsgd" else cfg.local_steps))
 
+    def configure_round(self, rnd: int, grid: Any, config: ConfigRecord | None = None) -> list[Message]:
+        """The train messages of round ``rnd``: the strategy's (Flower's node sampling + the broadcast), each with its
+        node's data partition (:func:`sample_partitions`, paired with the nodes in the strategy's order) and, for a
+        quantized FedAvg round, ``ACCEPT_FINAL_CODES``. Sets :attr:`partition_of` and :attr:`sent_quantized`."""
+        if config is None:
+            config = protocol.train_config(self.config.to_dict())
+        messages = list(self.strategy.configure_train(rnd, self.broadcast_state(), ConfigRecord(dict(config)), grid))
+        cfg = self.config
+        partitions = sample_partitions(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+        self.partition_of, self.sent_quantized = {}, {}
+        final_codes = self.spec.update_kind == "delta" and self.spec.bits < 32 and bool(self.spec.quantized_keys)
+        decoded: dict[int, dict[str, QTensor]] = {}
+        out = []
+        for msg, pid in zip(messages, partitions):
+            accept = False
+            if final_codes:
+                arrays = msg.content[BROADCAST_KEY]
+                if id(arrays) not in decoded:
+                    decoded[id(arrays)] = {k: v for k, v in decode_broadcast(arrays, msg.content[QUANT_META_KEY]).items()
+                                           if isinstance(v, QTensor)}
+                self.sent_quantized = decoded[id(arrays)]
+                accept = bool(self.sent_quantized)
+            node = int(msg.metadata.dst_node_id)
+            self.partition_of[node] = int(pid)
+            out.append(Message(content=protocol.assign_partition(msg.content, int(pid), accept), dst_node_id=node,
+                               message_type=msg.metadata.message_type))
+        return out
+
+    def broadcast_state(self) -> ArrayRecord:
+        """What the strategy broadcasts: the float parameters, then the float buffers."""
+        return ArrayRecord({**dict(self.arrays.items()), **{k: Array(np.asarray(v)) for k, v in self.buffers.items()}})
+
+    def validate_replies(self, rnd: int, replies: list[Any]) -> tuple[list[ClientRow], list[tuple[Any, dict[str, torch.Tensor], int]]]:
+        """Each reply through :func:`fedaqt.protocol.validate_reply`: (clients.csv rows, accepted ``(reply, update,
+        n_k)``), both in the order of ``replies``; bad replies are logged, never raised."""
+        rows, accepted = [], []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            expect = protocol.ReplyExpectation(round=rnd, partition=self.partition_of.get(node, -1), spec=self.spec,
+                                               max_examples=self.max_examples, sent_quantized=self.sent_quantized,
+                                               budget_fn=self.budget)
+            row, update, n = protocol.validate_reply(msg, expect)
+            rows.append(row)
+            if update is not None:
+                accepted.append((msg, update, n))
+            elif row.status != "ok":
+                log.warning("round %d: client %d %s: %s", rnd, row.client_id, row.status, row.error)
+        return rows, accepted
+
+    def mean_buffers(self, accepted: list[tuple[Any, dict[str, torch.Tensor], int]]) -> dict[str, np.ndarray]:
+        """The float buffers moved by the ``n_k``-weighted mean of the accepted clients' buffer deltas (float64 sum,
+        cast back to each buffer's dtype); the current buffers when nothing was accepted."""
+        if not accepted:
+            return dict(self.buffers)
+        total = sum(n for _, _, n in accepted)
+        out = {}
+        for key, shape in self.spec.buffer_shapes.items():
+            acc = torch.zeros(shape, dtype=torch.float64)
+            for _, update, n in accepted:
+                acc += update[key].to(torch.float64) * (n / total)
+            out[key] = (self.buffers[key] + acc.numpy()).astype(self.buffers[key].dtype)
+        return out
+
     def run_rounds(self, grid: Any) -> dict[str, Any]:
         """Run rounds ``start_round..config.rounds``; returns the summary (see :meth:`finish`).
 
-        Per round: configure, ``send_and_receive`` with ``options.round_timeout`` seconds (default 3600), validate
-        and aggregate, record a ``timeout`` clients.csv row for every sampled client that did not answer in time,
-        then refuse an aggregated model that is not finite (old model and strategy state kept, rounds.csv
-        ``update_rejected`` = 1, reason logged and listed in the summary's ``rejected_updates``).
+        Per round: configure (:meth:`configure_round`), ``send_and_receive`` with ``options.round_timeout`` seconds
+        (default 3600), validate (:meth:`validate_replies`), aggregate the accepted replies, record a ``timeout``
+        clients.csv row for every sampled client that did not answer in time, then refuse an aggregated model that
+        is not finite (old model, buffers and strategy state kept, rounds.csv ``update_rejected`` = 1, reason logged
+        and listed in the summary's ``rejected_updates``).
 
         Raises:
             RunAborted: ``options.max_nonfinite_rounds`` (default 3) rounds produced a non-finite model, or the
@@ -403,46 +509,58 @@ class Server:
         cfg = self.config
         timeout = float(cfg.options.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
         max_bad = int(cfg.options.get("max_nonfinite_rounds", DEFAULT_MAX_NONFINITE_ROUNDS))
-        self.strategy.max_examples = self.max_examples_per_reply()
-        train_config = ConfigRecord({"run-config": json.dumps(cfg.to_dict(), sort_keys=True)})
+        train_config = protocol.train_config(cfg.to_dict())
         for rnd in range(self.start_round, cfg.rounds + 1):
             t0 = time.perf_counter()
-            messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(dict(train_config)), grid))
+            messages = self.configure_round(rnd, grid, train_config)
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             if self.on_round_end is not None:
                 self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
             replies = self.in_partition_order(replies)
+            rows, accepted = self.validate_replies(rnd, replies)
             before = strategy_state(self.strategy)  # restored if the aggregated model is not finite
-            new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
-            self.record_nodes(replies)
-            self.record_timeouts(rnd, messages, replies, timeout)
+            keys = list(self.spec.param_shapes)
+            normalized = [protocol.normalized_reply(update, keys, n, int(msg.metadata.src_node_id))
+                          for msg, update, n in accepted]
+            # the parameters now travel in `normalized`: keep only the buffer deltas (mean_buffers) of the decoded updates
+            accepted = [(msg, {k: update[k] for k in self.spec.buffer_shapes}, n) for msg, update, n in accepted]
+            new_arrays, metrics = self.strategy.aggregate_train(rnd, normalized)
+            new_buffers = self.mean_buffers(accepted)
+            self.record_nodes(replies, rows)
+            rows = self.record_timeouts(rnd, messages, replies, timeout, rows)
             rejected = ""
             if new_arrays is not None:
-                rejected = self.nonfinite_reason(new_arrays)
+                rejected = self.nonfinite_reason(new_arrays, new_buffers)
                 if rejected:
                     restore_strategy_state(self.strategy, before)
                     self.rejected_updates.append({"round": rnd, "reason": rejected})
                     log.error("round %d: the aggregated model is not finite (%s); the global model is unchanged", rnd, rejected)
                 else:
                     self.arrays = self.as_model_dtypes(new_arrays)
+                    self.buffers = new_buffers
             else:
                 log.warning("round %d: no client update was aggregated; the global model is unchanged", rnd)
-            stats = dict(self.strategy.last_round_stats)
+            ok = [r for r in rows if r.status == "ok"]
+            train_loss = math.nan
+            if accepted:
+                train_loss = float(sum(r.train_loss * r.num_examples for r in ok) / max(1, sum(r.num_examples for r in ok)))
             row: dict[str, Any] = {
                 "round": rnd,
-                "train_loss": float(metrics["train_loss"]) if metrics is not None else math.nan,
-                "bytes_down": int(stats.pop("bytes_down", 0)),
-                "bytes_up": int(stats.pop("bytes_up", 0)),
-                "clients_ok": int(stats.pop("clients_ok", 0)),
+                "train_loss": train_loss,
+                "bytes_down": int(sum(record_nbytes(m.content[BROADCAST_KEY]) for m in messages)),
+                "bytes_up": int(sum(r.bytes_up for r in rows)),
+                "clients_ok": len(accepted),
                 "clients_sampled": len(messages),
                 "update_rejected": int(bool(rejected)),
             }
-            row.update(stats)
+            for k, v in (metrics.items() if metrics is not None else ()):  # the strategy's own statistics
+                if k != NUM_EXAMPLES and k not in row:
+                    row[k] = v
             if self.should_evaluate(rnd):
                 row.update(self.evaluate(rnd))
             row["seconds"] = time.perf_counter() - t0
             self.run.rounds.append([row])
-            self.run.clients.append([r.as_dict() for r in self.strategy.last_client_rows])
+            self.run.clients.append([r.as_dict() for r in rows])
             self.save_checkpoint(rnd)
             self.history.append(row)
             if self.progress:
@@ -457,34 +575,35 @@ class Server:
                 )
         return self.finish()
 
-    def nonfinite_reason(self, arrays: ArrayRecord) -> str:
-        """'' when every aggregated parameter and float buffer is finite, else which key is not (and how)."""
+    def nonfinite_reason(self, arrays: ArrayRecord, buffers: dict[str, np.ndarray] | None = None) -> str:
+        """'' when every aggregated parameter and float buffer (``buffers``, default the current ones) is finite,
+        else which key is not (and how)."""
         for k, a in arrays.items():
             v = np.asarray(a.numpy())
             if v.dtype.kind in "fc" and not np.isfinite(v).all():
                 return f"{k}: {int(np.isnan(v).sum())} NaN, {int(np.isinf(v).sum())} inf of {v.size} values"
-        for k, v in self.strategy.buffers.items():
+        for k, v in (self.buffers if buffers is None else buffers).items():
             v = np.asarray(v)
             if v.dtype.kind in "fc" and not np.isfinite(v).all():
                 return f"buffer {k}: not finite"
         return ""
 
-    def record_timeouts(self, rnd: int, messages: list[Any], replies: list[Any], timeout: float) -> None:
-        """Add a ``timeout`` row to the round's clients.csv rows for every message without a reply."""
+    def record_timeouts(self, rnd: int, messages: list[Any], replies: list[Any], timeout: float,
+                        rows: list[ClientRow]) -> list[ClientRow]:
+        """``rows`` plus a ``timeout`` row for every message without a reply, sorted by (client_id, node_id)."""
         answered = {int(m.metadata.src_node_id) for m in replies}
-        rows = list(self.strategy.last_client_rows)
-        part = getattr(self.strategy, "partition_of", {}) or {}
+        rows = list(rows)
         for msg in messages:
             node = int(msg.metadata.dst_node_id)
             if node in answered:
                 continue
-            row = ClientRow(round=rnd, client_id=int(part.get(node, -1)), node_id=node, status="timeout",
+            row = ClientRow(round=rnd, client_id=int(self.partition_of.get(node, -1)), node_id=node, status="timeout",
                             error=f"no reply within round_timeout={timeout:g} s")
             row.extra["ray_node_id"] = ""
             rows.append(row)
             log.warning("round %d: client %d timeout: no reply within %g s", rnd, row.client_id, timeout)
         rows.sort(key=lambda r: (r.client_id, r.node_id))
-        self.strategy.last_client_rows = rows
+        return rows
 
     def as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` cast to the float model's parameter dtypes (Flower's FedAdam/FedYogi/FedAdagrad return
@@ -498,9 +617,9 @@ class Server:
         return ArrayRecord(out)
 
     def in_partition_order(self, replies: list[Any]) -> list[Any]:
-        """Replies sorted by the data partition their node trained (arrival order varies with Ray's scheduling;
-        the weighted sums must not)."""
-        part = getattr(self.strategy, "partition_of", {}) or {}
+        """Replies sorted by the data partition the server assigned to their node (arrival order varies with Ray's
+        scheduling; the weighted sums must not)."""
+        part = self.partition_of
 
         def key(msg: Any) -> tuple[int, int]:
             node = int(msg.metadata.src_node_id)
@@ -508,7 +627,7 @@ class Server:
 
         return sorted(replies, key=key)
 
-    def record_nodes(self, replies: list[Any]) -> None:
+    def record_nodes(self, replies: list[Any], rows: list[ClientRow]) -> None:
         """Put each client's Ray node id into its clients.csv row (column ``ray_node_id``; "" when unknown)."""
         by_node: dict[int, str] = {}
         for msg in replies:
@@ -517,13 +636,13 @@ class Server:
                 if not msg.has_error():
                     node_hex = nodeinfo_of(msg.content)
                     if not node_hex:
-                        metrics = msg.content.metric_records.get("metrics")
+                        metrics = msg.content.metric_records.get(METRICS_KEY)
                         pid = int(metrics.get("pid", 0)) if metrics is not None else 0
                         node_hex = self.node_map.node_of(pid)
             except Exception:  # noqa: BLE001 - informative only
                 node_hex = ""
             by_node[int(msg.metadata.src_node_id)] = node_hex
-        for row in getattr(self.strategy, "last_client_rows", []):
+        for row in rows:
             row.extra["ray_node_id"] = by_node.get(int(row.node_id), "")
 
     def finish(self) -> dict[str, Any]:

@@ -232,7 +232,7 @@ def make_budget_fn(config: Any) -> BudgetFn:
     Raises:
         ConfigError: a bad device profile (see :func:`load_device_profile`).
     """
-    from fedaqt.strategies.quantized import METRICS_KEY
+    from fedaqt.protocol import METRICS_KEY
 
     profile = validate_device_profile(config)
     if profile is None:

@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Any
 
-from fedaqt.client.nodeinfo import NODEINFO_KEY
+from fedaqt.protocol import NODEINFO_KEY  # noqa: F401 - the reply record key, defined once
 
 log = logging.getLogger("fedaqt.server")
 

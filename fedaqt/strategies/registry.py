@@ -1,10 +1,13 @@
 """Strategy registry: built-ins and third-party plugins from the ``fedaqt.strategies`` entry-point group.
 
-A registered strategy is a :class:`StrategyPlugin` whose ``factory(config: RunConfig)`` returns an object that
-puts :class:`~fedaqt.strategies.quantized.QuantizedMixin` in front of a Flower Message-API strategy
-(``flwr.serverapp.strategy``). The mixin supplies the quantized broadcast, the per-round seeded client sampling,
-reply validation and the mean float update; the Flower class supplies the server-side math (averaging, server
-momentum, Adam/Yogi). An entry point may also name such a class directly (see :func:`plugin_from_class`).
+A registered strategy is a :class:`StrategyPlugin` whose ``factory(config: RunConfig, spec: BroadcastSpec)``
+returns a ready strategy (no setup phase): an object that puts :class:`~fedaqt.strategies.quantized.QuantizedMixin`
+in front of a Flower Message-API strategy (``flwr.serverapp.strategy``), built with ``spec=spec, seed=config.seed``
+(:func:`base_kwargs`). The mixin supplies the quantized broadcast, the per-round seeded node sampling and the mean
+float update of the replies the round loop accepted; the Flower class supplies the server-side math (averaging,
+server momentum, Adam/Yogi). ``StrategyPlugin.upload`` is the kind of client update the strategy needs
+("gradient", "delta" or "" for either; preflight checks it against the client algorithm's ``upload``). An entry
+point may also name such a class directly (see :func:`plugin_from_class`).
 
 Built-ins, each checked against Flower's own strategy on float updates at ``--bits 32``
 (``tests/test_strategies_flower.py``):
@@ -24,12 +27,14 @@ fedyogi    FedYogi              Yogi on ``u`` (eta = ``--server-lr``, ``options.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedaqt.config import RunConfig
+from fedaqt.protocol import BroadcastSpec
 from fedaqt.strategies.quantized import QuantizedMixin
 from fedaqt.strategies.relay import GradientRelayMixin
 
@@ -70,8 +75,15 @@ def sampling_kwargs(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _fedavgm(cfg: RunConfig) -> QuantizedFedAvgM:
-    return QuantizedFedAvgM(**sampling_kwargs(cfg), server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
+def base_kwargs(cfg: RunConfig, spec: BroadcastSpec) -> dict[str, Any]:
+    """:func:`sampling_kwargs` + what :class:`QuantizedMixin` needs (``spec``, ``seed``): the keyword arguments
+    every strategy built here starts from, ``cls(**base_kwargs(cfg, spec), **flower_hyperparameters)``."""
+    return {**sampling_kwargs(cfg), "spec": spec, "seed": int(cfg.seed)}
+
+
+def _fedavgm(cfg: RunConfig, spec: BroadcastSpec) -> QuantizedFedAvgM:
+    return QuantizedFedAvgM(**base_kwargs(cfg, spec), server_learning_rate=cfg.server_lr,
+                            server_momentum=cfg.server_momentum)
 
 
 def _fedopt_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -83,73 +95,116 @@ def _fedopt_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return kw
 
 
+#: update kinds a strategy may need (``StrategyPlugin.upload``); "" accepts either
+UPLOADS = ("gradient", "delta", "")
+#: the old ``algorithm`` attribute of a strategy plugin -> its ``upload``
+_LEGACY_ALGORITHM_UPLOAD = {"fedsgd": "gradient", "fedavg": "delta", "": ""}
+
+
 @dataclass(frozen=True)
 class StrategyPlugin:
-    """A registered strategy: ``factory(config)`` builds it; ``algorithm`` is the client algorithm it needs
-    ("fedsgd", "fedavg" or "" for either); ``description`` is one line for ``fedaqt plugins list``."""
+    """A registered strategy.
 
-    factory: Callable[[RunConfig], Any]
-    algorithm: str
+    Attributes:
+        factory: ``factory(config: RunConfig, spec: BroadcastSpec) -> strategy``, built complete (no setup phase).
+        upload: the client update the strategy needs: "gradient" (FedSGD family), "delta" (FedAvg family) or ""
+            (either).
+        description: one line for ``fedaqt plugins list``.
+        Options: the strategy's typed options (a pydantic model with ``extra="forbid"``), None when it has none.
+
+    Raises:
+        ValueError: ``upload`` is not one of :data:`UPLOADS`.
+    """
+
+    factory: Callable[[RunConfig, BroadcastSpec], Any]
+    upload: str
     description: str
+    Options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.upload not in UPLOADS:
+            raise ValueError(f"StrategyPlugin.upload={self.upload!r} must be one of {UPLOADS}")
 
 
 BUILTIN_STRATEGIES: dict[str, StrategyPlugin] = {
-    "fedsgd": StrategyPlugin(_fedavgm, "fedsgd", "quantized FedSGD: mean client gradient, server SGD (--server-lr, --server-momentum)"),
+    "fedsgd": StrategyPlugin(_fedavgm, "gradient", "quantized FedSGD: mean client gradient, server SGD (--server-lr, --server-momentum)"),
     "fedavg": StrategyPlugin(
-        lambda cfg: QuantizedFedAvg(**sampling_kwargs(cfg)),
-        "fedavg",
+        lambda cfg, spec: QuantizedFedAvg(**base_kwargs(cfg, spec)),
+        "delta",
         "quantized FedAvg: new model = weighted mean of client models (Flower FedAvg; fedavgm for server lr/momentum)",
     ),
     "fedavgm": StrategyPlugin(_fedavgm, "", "FedAvgM (Hsu et al. 2019) over the quantized broadcast (Flower FedAvgM)"),
     "relay": StrategyPlugin(
-        lambda cfg: QuantizedRelay(**sampling_kwargs(cfg), server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum),
-        "fedsgd",
+        lambda cfg, spec: QuantizedRelay(**base_kwargs(cfg, spec), server_learning_rate=cfg.server_lr,
+                                         server_momentum=cfg.server_momentum),
+        "gradient",
         "gradient relay: FedSGD + server-side scale-gradient correction = centralized QAT (spec §2.3)",
     ),
     "fedprox": StrategyPlugin(
-        lambda cfg: QuantizedFedProx(**sampling_kwargs(cfg), proximal_mu=float(cfg.options.get("proximal_mu", 0.01))),
-        "fedavg",
+        lambda cfg, spec: QuantizedFedProx(**base_kwargs(cfg, spec), proximal_mu=float(cfg.options.get("proximal_mu", 0.01))),
+        "delta",
         "FedProx (Li et al. 2020): proximal term on clients (options.proximal_mu), Flower FedProx server",
     ),
     "fedadam": StrategyPlugin(
-        lambda cfg: QuantizedFedAdam(**sampling_kwargs(cfg), **_fedopt_kwargs(cfg)),
+        lambda cfg, spec: QuantizedFedAdam(**base_kwargs(cfg, spec), **_fedopt_kwargs(cfg)),
         "",
         "FedAdam (Reddi et al. 2021), Flower FedAdam server optimizer (eta = --server-lr)",
     ),
     "fedyogi": StrategyPlugin(
-        lambda cfg: QuantizedFedYogi(**sampling_kwargs(cfg), **_fedopt_kwargs(cfg)),
+        lambda cfg, spec: QuantizedFedYogi(**base_kwargs(cfg, spec), **_fedopt_kwargs(cfg)),
         "",
         "FedYogi (Reddi et al. 2021), Flower FedYogi server optimizer (eta = --server-lr)",
     ),
 }
 
 
+def _upload_of(obj: Any) -> str:
+    """``obj.upload``, else the old ``obj.algorithm`` mapped ("fedsgd" -> "gradient", "fedavg" -> "delta"), else ""."""
+    if getattr(obj, "upload", None) is not None:
+        return str(obj.upload)
+    legacy = str(getattr(obj, "algorithm", "") or "")
+    if legacy not in _LEGACY_ALGORITHM_UPLOAD:
+        raise ValueError(f"{obj!r}: algorithm={legacy!r} is not one of 'fedsgd', 'fedavg', '' (use upload=...)")
+    return _LEGACY_ALGORITHM_UPLOAD[legacy]
+
+
 def plugin_from_class(cls: type) -> StrategyPlugin:
     """A StrategyPlugin for a strategy class registered directly under ``fedaqt.strategies``.
 
     The class must subclass :class:`QuantizedMixin` (in front of a Flower strategy). It is built as
-    ``cls(**sampling_kwargs(config))``, or ``cls.from_config(config)`` when it defines that classmethod. Its
-    class attribute ``algorithm`` ("fedsgd", "fedavg" or "", default "") and the first line of its docstring (or
-    ``description``) fill in the rest.
+    ``cls(**base_kwargs(config, spec))``, or ``cls.from_config(config, spec)`` when it defines that classmethod
+    (which must pass ``spec=spec, seed=config.seed`` on, e.g. through :func:`base_kwargs`). Its class attribute
+    ``upload`` ("gradient", "delta" or "", default ""; an old ``algorithm`` = "fedsgd"/"fedavg" is mapped), its
+    ``Options`` and the first line of its docstring (or ``description``) fill in the rest.
 
     Raises:
-        TypeError: ``cls`` is not a QuantizedMixin subclass.
+        TypeError: ``cls`` is not a QuantizedMixin subclass, or its ``from_config`` takes no ``spec`` (the old
+            signature ``from_config(cls, cfg)``: the message says what to change).
     """
     if not (isinstance(cls, type) and issubclass(cls, QuantizedMixin)):
         raise TypeError(f"{cls!r} is not a subclass of fedaqt.strategies.quantized.QuantizedMixin")
     if hasattr(cls, "from_config"):
+        params = list(inspect.signature(cls.from_config).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+            raise TypeError(
+                f"{cls.__module__}.{cls.__qualname__}.from_config takes (cfg) only; since the one-message-contract change strategies are "
+                "built complete: define from_config(cls, cfg, spec) and build with "
+                "cls(**fedaqt.strategies.registry.base_kwargs(cfg, spec), ...)")
         factory = cls.from_config
     else:
-        def factory(cfg: RunConfig) -> Any:
-            return cls(**sampling_kwargs(cfg))
+        def factory(cfg: RunConfig, spec: BroadcastSpec) -> Any:
+            return cls(**base_kwargs(cfg, spec))
 
     text = str(getattr(cls, "description", "") or cls.__doc__ or "").strip()
-    return StrategyPlugin(factory, str(getattr(cls, "algorithm", "")), text.splitlines()[0].strip() if text else cls.__name__)
+    return StrategyPlugin(factory, _upload_of(cls), text.splitlines()[0].strip() if text else cls.__name__,
+                          getattr(cls, "Options", None))
 
 
 def as_strategy_plugin(obj: Any) -> StrategyPlugin:
-    """Normalize what a ``fedaqt.strategies`` entry point names: a StrategyPlugin (or any object with
-    ``factory``, ``algorithm`` and ``description``) is returned as is; a QuantizedMixin subclass is wrapped.
+    """Normalize what a ``fedaqt.strategies`` entry point names: a StrategyPlugin is returned as is; any object
+    with ``factory``, ``upload`` (or the old ``algorithm``) and ``description`` is converted; a QuantizedMixin
+    subclass is wrapped (:func:`plugin_from_class`).
 
     Raises:
         TypeError: anything else.
@@ -158,8 +213,9 @@ def as_strategy_plugin(obj: Any) -> StrategyPlugin:
         return obj
     if isinstance(obj, type):
         return plugin_from_class(obj)
-    if callable(getattr(obj, "factory", None)) and hasattr(obj, "algorithm") and hasattr(obj, "description"):
-        return StrategyPlugin(obj.factory, str(obj.algorithm), str(obj.description))
+    if callable(getattr(obj, "factory", None)) and (hasattr(obj, "upload") or hasattr(obj, "algorithm")) \
+            and hasattr(obj, "description"):
+        return StrategyPlugin(obj.factory, _upload_of(obj), str(obj.description), getattr(obj, "Options", None))
     raise TypeError(f"{obj!r} is neither a StrategyPlugin nor a QuantizedMixin strategy class")
 
 

@@ -22,7 +22,8 @@ from fedaqt.quant.quantize import relay_correction
 class GradientRelayMixin:
     """Adds the relay correction in :meth:`correct_mean_update`; compose with any mean-gradient aggregator.
 
-    Records ``relay_norm_ratio`` = ||corr|| / ||ḡ|| over the quantized tensors in ``last_round_stats``.
+    Reports ``relay_norm_ratio`` = ||corr|| / ||ḡ|| over the quantized tensors as a round metric
+    (:meth:`QuantizedMixin.record_metric`: a rounds.csv column).
     The correction is computed in float64 from the server's float32 weight ``w`` (``current_float``), the mean
     gradient, and the broadcast codes + float32 scales of this round (``sent_quantized``).
 
@@ -55,5 +56,5 @@ class GradientRelayMixin:
                 out[key] = g + corr
                 corr_sq += float(corr.pow(2).sum())
                 grad_sq += float(g.pow(2).sum())
-        self.last_round_stats["relay_norm_ratio"] = (corr_sq**0.5) / (grad_sq**0.5) if grad_sq > 0 else 0.0  # type: ignore[attr-defined]
+        self.record_metric("relay_norm_ratio", (corr_sq**0.5) / (grad_sq**0.5) if grad_sq > 0 else 0.0)  # type: ignore[attr-defined]
         return out

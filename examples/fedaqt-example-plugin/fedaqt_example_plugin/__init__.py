@@ -6,7 +6,7 @@ from torch.nn import Linear, ReLU, Sequential
 from torch.nn.functional import cross_entropy
 
 from fedaqt.strategies.quantized import QuantizedMixin
-from fedaqt.strategies.registry import sampling_kwargs
+from fedaqt.strategies.registry import base_kwargs
 from fedaqt.workloads.base import Workload
 
 
@@ -46,5 +46,5 @@ class QuantizedFedAdagrad(QuantizedMixin, FedAdagrad):
     """example: Flower's FedAdagrad server optimizer over fedaqt's quantized broadcast (eta = --server-lr)"""
 
     @classmethod
-    def from_config(cls, cfg):  # optional; the default is cls(**sampling_kwargs(cfg))
-        return cls(**sampling_kwargs(cfg), eta=cfg.server_lr, eta_l=cfg.lr)
+    def from_config(cls, cfg, spec):  # optional; the default is cls(**base_kwargs(cfg, spec))
+        return cls(**base_kwargs(cfg, spec), eta=cfg.server_lr, eta_l=cfg.lr)
