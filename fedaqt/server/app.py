@@ -36,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
-from fedaqt.plugins import get_strategy_plugin, get_workload_class
+from fedaqt.plugins import get_algorithm_class, get_strategy_plugin, get_workload_class
 from fedaqt.quant.convert import quantized_weight_keys
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
 from fedaqt.sim import backend as sim_backend
@@ -75,7 +75,7 @@ def make_spec(config: RunConfig, workload: Workload, model: nn.Module) -> Broadc
         quantized_keys=frozenset(list(qkeys) + list(extra)),
         param_shapes={k: tuple(v.shape) for k, v in params.items()},
         buffer_shapes={k: tuple(v.shape) for k, v in buffers.items()},
-        update_kind="gradient" if config.algorithm == "fedsgd" else "delta",
+        update_kind=get_algorithm_class(config.algorithm).upload,
         final_code_keys=frozenset(qkeys),
     )
 
@@ -383,10 +383,12 @@ class Server:
         return rnd == 1 or rnd == self.config.rounds or rnd % every == 0
 
     def max_examples_per_reply(self) -> int:
-        """The most examples a client is asked to process in one round: one batch (FedSGD) or ``local_steps``
-        batches (FedAvg) of ``batch_size``; a reply claiming more is rejected."""
+        """The most examples any client is asked to process in one round, from the client algorithm
+        (:meth:`ClientAlgorithm.max_examples`: one batch for FedSGD, ``local_steps`` batches or ``local_epochs``
+        passes over the client's partition for FedAvg); a reply claiming more is rejected."""
         cfg = self.config
-        return int(cfg.batch_size * (1 if cfg.algorithm == "fedsgd" else cfg.local_steps))
+        algorithm = get_algorithm_class(cfg.algorithm)
+        return max(int(algorithm.max_examples(cfg, self.workload, c)) for c in range(cfg.num_clients))
 
     def run_rounds(self, grid: Any) -> dict[str, Any]:
         """Run rounds ``start_round..config.rounds``; returns the summary (see :meth:`finish`).

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fedaqt.config import ConfigError, RunConfig
-from fedaqt.plugins import get_strategy_plugin, get_workload_class, strategy_names, workload_names
+from fedaqt.plugins import (algorithm_names, get_algorithm_class, get_strategy_plugin, get_workload_class,
+                            strategy_names, workload_names)
 from fedaqt.report.rundir import RunDir
 from fedaqt.sim.nodeinfo import runtime_node_id  # noqa: F401  (re-exported: clients record their Ray node)
 
@@ -37,17 +38,22 @@ def preflight(config: RunConfig) -> RunConfig:
             (``--device-profile``, see :mod:`fedaqt.sim.devices`).
         FileNotFoundError: the workload's data is missing (the message says how to build it).
     """
-    config.validate(known_workloads=workload_names(), known_strategies=strategy_names())
+    config.validate(known_workloads=workload_names(), known_strategies=strategy_names(),
+                    known_algorithms=algorithm_names())
     plugin = get_strategy_plugin(config.strategy)
-    if plugin.algorithm and plugin.algorithm != config.algorithm:
+    algorithm = get_algorithm_class(config.algorithm)
+    needs = strategy_upload(plugin)
+    if needs and needs != algorithm.upload:
         if config.strategy == "relay":
             raise ConfigError(
-                f"strategy 'relay' is defined for FedSGD only (spec §2.2 step 6), got algorithm={config.algorithm!r}; "
-                "use --algorithm fedsgd, or another strategy for FedAvg"
+                f"strategy 'relay' is defined for FedSGD only (spec §2.2 step 6), got algorithm={config.algorithm!r} "
+                f"(upload {algorithm.upload!r}); use --algorithm fedsgd, or another strategy for FedAvg"
             )
         raise ConfigError(
-            f"strategy {config.strategy!r} needs algorithm={plugin.algorithm!r}, got {config.algorithm!r}"
+            f"strategy {config.strategy!r} needs a client algorithm that uploads a {needs!r}; algorithm "
+            f"{config.algorithm!r} uploads a {algorithm.upload!r}"
         )
+    algorithm.validate(config)  # ConfigError naming the key (e.g. FedSGD with local_steps != 1, a bad -o value)
     validate_round_options(config)
     if config.device_profile:
         from fedaqt.sim.devices import validate_device_profile
@@ -66,6 +72,20 @@ def preflight(config: RunConfig) -> RunConfig:
             raise
         raise ConfigError(f"invalid configuration for workload {config.workload!r} / strategy {config.strategy!r}: {exc}") from exc
     return config
+
+
+_OLD_ALGORITHM_UPLOAD = {"fedsgd": "gradient", "fedavg": "delta", "": ""}
+
+
+def strategy_upload(plugin: Any) -> str:
+    """The update kind a strategy plugin needs: ``plugin.upload`` ("gradient", "delta" or "" for either); a
+    plugin that still names a client algorithm (``plugin.algorithm``, before ``upload``) is mapped
+    fedsgd -> gradient, fedavg -> delta."""
+    upload = getattr(plugin, "upload", None)
+    if upload is not None:
+        return str(upload)
+    old = str(getattr(plugin, "algorithm", ""))
+    return _OLD_ALGORITHM_UPLOAD.get(old, old)
 
 
 def validate_round_options(config: RunConfig) -> None:
