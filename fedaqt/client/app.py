@@ -25,9 +25,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedaqt.client.memory import MemoryProbe, profiling_requested
-from fedaqt.client.trainer import client_round, get_client_model, get_workload, load_broadcast
+from fedaqt.client.trainer import algorithm_class, client_round, get_client_model, get_workload, load_broadcast
 from fedaqt.config import RunConfig
-from fedaqt.plugins import get_algorithm_class
 from fedaqt.quant.wire import QTensor, iter_decode_broadcast, record_nbytes
 from fedaqt.sim.nodeinfo import NODEINFO_KEY, reply_nodeinfo
 from fedaqt.strategies.quantized import BROADCAST_KEY, CONFIG_KEY, ERROR_KEY, METRICS_KEY, QUANT_META_KEY, UPDATE_KEY
@@ -77,7 +76,7 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
             decoded = iter_decode_broadcast(arrays, content[QUANT_META_KEY], release=release_broadcast)
             load_broadcast(model, _counted(decoded, probe, arrays if release_broadcast else None))
             del decoded
-            final_codes = (get_algorithm_class(config.algorithm).upload == "delta" and config.bits < 16
+            final_codes = (algorithm_class(config.algorithm).upload == "delta" and config.bits < 16
                            and bool(cfg_rec.get(ACCEPT_FINAL_CODES, False)))
             result = client_round(
                 workload,

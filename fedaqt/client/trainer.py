@@ -384,13 +384,28 @@ def _batch_tensors(batches: list[Any]) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
+_ALGORITHM_CLASSES: dict[str, type[ClientAlgorithm]] = {}
+
+
+def algorithm_class(name: str) -> type[ClientAlgorithm]:
+    """:func:`fedaqt.plugins.get_algorithm_class`, cached per process (entry-point discovery scans every installed
+    distribution; a Ray actor runs many rounds).
+
+    Raises:
+        UnknownPluginError / PluginLoadError: as :func:`fedaqt.plugins.get_algorithm_class`.
+    """
+    if name not in _ALGORITHM_CLASSES:
+        _ALGORITHM_CLASSES[name] = get_algorithm_class(name)
+    return _ALGORITHM_CLASSES[name]
+
+
 def get_algorithm(config: RunConfig) -> ClientAlgorithm:
-    """The client algorithm of ``config`` (:func:`fedaqt.plugins.get_algorithm_class`), options parsed.
+    """The client algorithm of ``config`` (:func:`algorithm_class`), options parsed.
 
     Raises:
         UnknownPluginError: unknown ``config.algorithm``. ConfigError: a bad option value.
     """
-    return get_algorithm_class(config.algorithm)(config)
+    return algorithm_class(config.algorithm)(config)
 
 
 def client_round(
