@@ -516,3 +516,20 @@ def test_example_algorithm_runs_on_ray(example_site):
         assert (clients.changed_fraction > 0).all()  # stochastic re-quantization at 4 bits moves codes
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_preflight_checks_the_algorithm_before_ray(toy_registered, tmp_path):
+    """preflight: the strategy's upload kind against the algorithm's, the algorithm's own rules and options, and
+    local_epochs on a workload without partitions -- all ConfigError before any work starts."""
+    from fedaqt.sim.runner import preflight
+
+    base = dict(workload="toy", num_clients=3, clients_per_round=3, out=str(tmp_path / "r"))
+    preflight(RunConfig(strategy="fedavg", algorithm="fedavg", options={"momentum": 0.9}, **base))
+    with pytest.raises(ConfigError, match="local_epochs is unsupported"):
+        preflight(RunConfig(strategy="fedavg", algorithm="fedavg", options={"local_epochs": 2}, **base))
+    with pytest.raises(ConfigError, match="FedSGD only"):
+        preflight(RunConfig(strategy="relay", algorithm="fedavg", **base))
+    with pytest.raises(ConfigError, match="local_steps=2"):
+        preflight(RunConfig(strategy="fedsgd", algorithm="fedsgd", local_steps=2, **base))
+    with pytest.raises(ConfigError, match="weight_decay"):
+        preflight(RunConfig(strategy="fedavg", algorithm="fedavg", options={"weight_decay": -1}, **base))

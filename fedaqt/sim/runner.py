@@ -67,6 +67,9 @@ def preflight(config: RunConfig) -> RunConfig:
         # build what the server builds, so bad model sizes / option values fail before any file is touched
         workload.build_model()
         plugin.factory(config)
+        algorithm.max_examples(config, workload, 0)  # e.g. local_epochs on a workload without partition_size
+    except NotImplementedError as exc:
+        raise ConfigError(f"algorithm {config.algorithm!r} with workload {config.workload!r}: {exc}") from exc
     except (ValueError, TypeError, KeyError) as exc:
         if isinstance(exc, ConfigError):
             raise
