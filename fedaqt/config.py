@@ -24,7 +24,6 @@ PRESET_DIR = Path(__file__).parent / "presets"
 ALLOWED_BITS = (32, 8, 4)
 ALLOWED_UPLINK_BITS = (32, 16, 8)
 ALLOWED_GRANULARITY = ("tensor", "channel")
-ALLOWED_ALGORITHMS = ("fedsgd", "fedavg")
 ALLOWED_PARTITIONS = ("iid", "dirichlet", "speaker")
 
 #: keys that ``fedaqt run --resume RUN_DIR`` lets the command line change: where and with how many cores the run
@@ -166,17 +165,22 @@ class RunConfig:
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, known_workloads: list[str] | None = None, known_strategies: list[str] | None = None) -> "RunConfig":
-        """Check every value; raise ConfigError naming the first bad key, its value and the allowed values."""
+    def validate(self, known_workloads: list[str] | None = None, known_strategies: list[str] | None = None,
+                 known_algorithms: list[str] | None = None) -> "RunConfig":
+        """Check every value; raise ConfigError naming the first bad key, its value and the allowed values.
+
+        ``known_*`` (registered plugin names) check ``workload``/``strategy``/``algorithm`` when given; what an
+        algorithm requires of the rest (FedSGD: ``local_steps == 1``) is its own ``validate`` (preflight)."""
         _choice("bits", self.bits, ALLOWED_BITS)
         _choice("uplink_bits", self.uplink_bits, ALLOWED_UPLINK_BITS)
         _choice("granularity", self.granularity, ALLOWED_GRANULARITY)
-        _choice("algorithm", self.algorithm, ALLOWED_ALGORITHMS)
         _choice("partition", self.partition, ALLOWED_PARTITIONS)
         if known_workloads is not None:
             _choice("workload", self.workload, tuple(known_workloads))
         if known_strategies is not None:
             _choice("strategy", self.strategy, tuple(known_strategies))
+        if known_algorithms is not None:
+            _choice("algorithm", self.algorithm, tuple(known_algorithms))
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         if not isinstance(self.options, dict):
@@ -208,8 +212,6 @@ class RunConfig:
             raise ConfigError(
                 f"client_num_cpus={self.client_num_cpus} exceeds num_cpus={self.num_cpus}: no client could be scheduled"
             )
-        if self.algorithm == "fedsgd" and self.local_steps != 1:
-            raise ConfigError(f"local_steps={self.local_steps} is only meaningful with algorithm=fedavg; FedSGD uses one batch")
         return self
 
 

@@ -1,8 +1,9 @@
-"""Plugin discovery: workloads and strategies from Python entry points.
+"""Plugin discovery: workloads, strategies and client algorithms from Python entry points.
 
-Groups: ``fedaqt.workloads`` (a :class:`fedaqt.workloads.base.Workload` subclass) and ``fedaqt.strategies`` (a
+Groups: ``fedaqt.workloads`` (a :class:`fedaqt.workloads.base.Workload` subclass), ``fedaqt.strategies`` (a
 :class:`fedaqt.strategies.registry.StrategyPlugin`, or a strategy class that puts
-:class:`fedaqt.strategies.quantized.QuantizedMixin` in front of a Flower Message-API strategy). fedaqt's built-ins
+:class:`fedaqt.strategies.quantized.QuantizedMixin` in front of a Flower Message-API strategy) and
+``fedaqt.algorithms`` (a :class:`fedaqt.algorithms.base.ClientAlgorithm` subclass). fedaqt's built-ins
 register through the same groups in its own ``pyproject.toml``; when the package metadata is unavailable (running
 from a source tree), the built-ins are still found.
 
@@ -22,16 +23,22 @@ log = logging.getLogger("fedaqt.plugins")
 
 WORKLOAD_GROUP = "fedaqt.workloads"
 STRATEGY_GROUP = "fedaqt.strategies"
+ALGORITHM_GROUP = "fedaqt.algorithms"
 
 _BUILTIN_WORKLOADS = {
     "asr": "fedaqt.workloads.asr:ASRWorkload",
     "wrapnet": "fedaqt.workloads.wrapnet:WrapNetWorkload",
 }
+_BUILTIN_ALGORITHMS = {
+    "fedsgd": "fedaqt.algorithms.fedsgd:FedSGD",
+    "fedavg": "fedaqt.algorithms.fedavg:FedAvg",
+}
 
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """One row of ``fedaqt plugins list``: ``kind`` is "workload" or "strategy"; ``source`` the distribution."""
+    """One row of ``fedaqt plugins list``: ``kind`` is "workload", "strategy" or "algorithm"; ``source`` the
+    distribution."""
 
     name: str
     kind: str
@@ -40,11 +47,12 @@ class PluginInfo:
 
 
 class UnknownPluginError(ValueError):
-    """``--workload``/``--strategy`` named something not registered; the message lists the known names."""
+    """``--workload``/``--strategy``/``--algorithm`` named something not registered; the message lists the known
+    names."""
 
 
 class PluginLoadError(ValueError):
-    """A registered plugin cannot be imported, is ambiguous, or is not a workload/strategy."""
+    """A registered plugin cannot be imported, is ambiguous, or is not a workload/strategy/algorithm."""
 
 
 def _load_ref(ref: str) -> Any:
@@ -96,6 +104,10 @@ def strategy_names() -> list[str]:
     return sorted(set(BUILTIN_STRATEGIES) | set(_entry_points(STRATEGY_GROUP)))
 
 
+def algorithm_names() -> list[str]:
+    return sorted(set(_BUILTIN_ALGORITHMS) | set(_entry_points(ALGORITHM_GROUP)))
+
+
 def _check_workload(name: str, obj: Any, source: str) -> type:
     from fedaqt.workloads.base import Workload
 
@@ -119,6 +131,37 @@ def get_workload_class(name: str) -> type:
     if name in _BUILTIN_WORKLOADS:
         return _check_workload(name, _load_ref(_BUILTIN_WORKLOADS[name]), "fedaqt")
     raise UnknownPluginError(f"unknown workload {name!r}; known workloads: {', '.join(workload_names())}")
+
+
+def _check_algorithm(name: str, obj: Any, source: str) -> type:
+    from fedaqt.algorithms.base import UPLOAD_KINDS, ClientAlgorithm
+
+    if not (isinstance(obj, type) and issubclass(obj, ClientAlgorithm)):
+        raise PluginLoadError(
+            f"algorithm {name!r} from package {source!r} is {obj!r}, not a subclass of "
+            "fedaqt.algorithms.base.ClientAlgorithm"
+        )
+    if obj.upload not in UPLOAD_KINDS:
+        raise PluginLoadError(
+            f"algorithm {name!r} from package {source!r} declares upload={obj.upload!r}; allowed: {', '.join(UPLOAD_KINDS)}"
+        )
+    return obj
+
+
+def get_algorithm_class(name: str) -> type:
+    """The :class:`~fedaqt.algorithms.base.ClientAlgorithm` subclass registered as ``name``.
+
+    Raises:
+        UnknownPluginError: not registered (the message lists the known algorithms).
+        PluginLoadError: registered but ambiguous, failing to import, not a ClientAlgorithm subclass, or with an
+            ``upload`` other than "gradient"/"delta".
+    """
+    found = _resolve(ALGORITHM_GROUP, name, "algorithm")
+    if found is not None:
+        return _check_algorithm(name, *found)
+    if name in _BUILTIN_ALGORITHMS:
+        return _check_algorithm(name, _load_ref(_BUILTIN_ALGORITHMS[name]), "fedaqt")
+    raise UnknownPluginError(f"unknown algorithm {name!r}; known algorithms: {', '.join(algorithm_names())}")
 
 
 def get_strategy_plugin(name: str) -> Any:
@@ -154,7 +197,7 @@ def _source(group: str, name: str) -> str:
 
 
 def list_plugins() -> list[PluginInfo]:
-    """Every registered workload and strategy with its source package and one-line description.
+    """Every registered workload, strategy and client algorithm with its source package and one-line description.
 
     A plugin that fails to load is listed with the reason instead of a description (never fatal).
     """
@@ -171,6 +214,13 @@ def list_plugins() -> list[PluginInfo]:
         except Exception as exc:  # noqa: BLE001
             desc = f"(failed to load: {exc})"
         out.append(PluginInfo(name, "strategy", _source(STRATEGY_GROUP, name), desc))
+    for name in algorithm_names():
+        try:
+            cls = get_algorithm_class(name)
+            desc = _first_line(cls.description or cls.__doc__)
+        except Exception as exc:  # noqa: BLE001
+            desc = f"(failed to load: {exc})"
+        out.append(PluginInfo(name, "algorithm", _source(ALGORITHM_GROUP, name), desc))
     return out
 
 

@@ -98,9 +98,13 @@ def test_unknown_keys_and_wrong_types_name_the_key_and_file(tmp_path, text, key)
     ],
 )
 def test_bad_values_name_the_key(values, key):
+    from fedaqt.plugins import get_algorithm_class
+
     cfg = RunConfig().override(values)
     with pytest.raises(ConfigError) as e:
-        cfg.validate(known_workloads=["asr", "wrapnet"], known_strategies=["fedsgd", "fedavg"])
+        cfg.validate(known_workloads=["asr", "wrapnet"], known_strategies=["fedsgd", "fedavg"],
+                     known_algorithms=["fedsgd", "fedavg"])
+        get_algorithm_class(cfg.algorithm).validate(cfg)  # what the algorithm requires (FedSGD: local_steps=1)
     assert key in str(e.value)
 
 

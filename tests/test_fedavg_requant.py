@@ -64,8 +64,10 @@ def reference_fedavg(wl, bits, granularity, client_id, round_num, steps, lr):
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_requantized_after_every_local_step(monkeypatch, bits, granularity):
     torch.set_num_threads(1)
+    # nearest rounding (the reference below); stochastic re-quantization is tested in test_algorithms.py
     cfg = RunConfig(workload="toy", strategy="fedavg", algorithm="fedavg", bits=bits, granularity=granularity,
-                    local_steps=4, lr=0.5, num_clients=3, clients_per_round=3, rounds=1, seed=0)
+                    local_steps=4, lr=0.5, num_clients=3, clients_per_round=3, rounds=1, seed=0,
+                    options={"stochastic_rounding": False})
     wl = ToyWorkload(cfg)
     model = build_client_model(wl, cfg)
     layers = quant_layers(model)
@@ -73,8 +75,9 @@ def test_requantized_after_every_local_step(monkeypatch, bits, granularity):
     seen: dict[str, list] = {k: [] for k in layers}
     original = QuantLayer.requantize_
 
-    def recording(self, w):
-        out = original(self, w)
+    def recording(self, w, generator=None):
+        assert generator is None  # nearest rounding requested
+        out = original(self, w, generator)
         seen[self.weight_key].append((self.codes.clone(), self.scale.clone()))
         return out
 

@@ -192,5 +192,5 @@ def test_readme_shows_the_tested_example():
     code = (EXAMPLE / "fedaqt_example_plugin" / "__init__.py").read_text().rstrip("\n")
     assert code in readme
     for line in (EXAMPLE / "pyproject.toml").read_text().splitlines():
-        if line.startswith(("blobs =", "fedadagrad =")):
+        if line.startswith(("blobs =", "fedadagrad =", "localprox =")):
             assert line in readme

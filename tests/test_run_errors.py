@@ -21,6 +21,10 @@ runner = CliRunner()
         (["--rounds", "-1"], "rounds must be a positive integer"),
         (["--clients-per-round", "50", "--num-clients", "4"], "exceeds num_clients=4"),
         (["--strategy", "relay", "--algorithm", "fedavg"], "FedSGD only"),
+        (["--algorithm", "nope"], "fedavg"),
+        (["--algorithm", "fedsgd", "--local-steps", "3"], "local_steps=3"),
+        (["--algorithm", "fedavg", "--strategy", "fedavg", "-o", "momentum=1.5"], "momentum=1.5"),
+        (["--algorithm", "fedavg", "--strategy", "fedavg", "-o", "local_epochs=-1"], "local_epochs=-1"),
         (["--data-dir", "/nonexistent/speech"], "fedaqt data speech"),
     ],
 )

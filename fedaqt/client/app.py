@@ -25,7 +25,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedaqt.client.memory import MemoryProbe, profiling_requested
-from fedaqt.client.trainer import client_round, get_client_model, get_workload, load_broadcast
+from fedaqt.client.trainer import algorithm_class, client_round, get_client_model, get_workload, load_broadcast
 from fedaqt.config import RunConfig
 from fedaqt.protocol import (
     BROADCAST_KEY,
@@ -79,7 +79,8 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
             decoded = iter_decode_broadcast(arrays, content[QUANT_META_KEY], release=release_broadcast)
             load_broadcast(model, _counted(decoded, probe, arrays if release_broadcast else None))
             del decoded
-            final_codes = config.algorithm == "fedavg" and config.bits < 16 and instr.accept_final_codes
+            final_codes = (algorithm_class(config.algorithm).upload == "delta" and config.bits < 16
+                           and instr.accept_final_codes)
             result = client_round(
                 workload,
                 model,

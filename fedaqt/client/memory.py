@@ -20,7 +20,7 @@ category        what it holds
 ``acts``        tensors created in the forward pass (and in the recomputation of checkpointed blocks)
 ``temps``       tensors created in the backward pass that are not gradients (transient dequantized
                 weights, ``grad_x``, encoding temporaries)
-``opt``         optimizer state (none in FedSGD; the fedaqt client never builds an optimizer)
+``opt``         optimizer state (none in FedSGD; FedAvg's momentum buffers with ``momentum > 0``)
 ``other``       the batch inputs, decoded broadcast tensors until loaded and, in FedAvg, the copy of the
                 received weights kept for the delta or the FedProx term
 ``wire``        message bytes: the received broadcast (``len`` of its ``.npy`` arrays) while held, and the
@@ -397,6 +397,10 @@ class MemoryProbe:
     def mark_other(self, *tensors: torch.Tensor) -> None:
         """Account ``tensors`` (e.g. FedAvg's copy of the received weights) as ``other`` from now on."""
         self._mark("OTH", tensors)
+
+    def mark_optimizer_state(self, *tensors: torch.Tensor) -> None:
+        """Account ``tensors`` (client optimizer state, e.g. FedAvg's momentum buffers) as ``opt`` from now on."""
+        self._mark("OPT", tensors)
 
     def next_step(self) -> None:
         """Call between local steps (FedAvg): MemTracker refuses a second forward of the root module otherwise.

@@ -1,7 +1,8 @@
 """One client round on the native quantized model (spec §2.2 steps 2-4), independent of Flower.
 
 The Flower ClientApp (:mod:`fedaqt.client.app`) only decodes messages and calls :func:`client_round`. Keeping the
-round a plain function lets tests and ``fedaqt profile`` run it without Ray.
+round a plain function lets tests and ``fedaqt profile`` run it without Ray. The local computation itself belongs
+to the client algorithm (:mod:`fedaqt.algorithms`, ``--algorithm``); this module holds the round's plumbing.
 
 Memory (issue 4). The upload is built *while* the gradients are produced, so the client never holds a float
 gradient of the whole model:
@@ -11,10 +12,10 @@ gradient of the whole model:
   at ``config.uplink_bits`` (float32, float16, or per-channel int8 with unbiased stochastic rounding) and the float
   gradient is dropped at once. No optimizer state exists on the client.
 * FedAvg: the same hooks apply the local SGD step of a layer as soon as its gradient exists (re-quantizing it,
-  spec §2.2 step 4), so no float gradient of the model exists either. A server that announces it
-  (``accept-final-codes`` in the train config) receives the final codes + scales of the quantized layers instead
-  of a float delta and forms the delta from what it sent (:func:`final_codes_arrays`); float parameters upload
-  their delta at ``uplink_bits``.
+  spec §2.2 step 4), so no float gradient of the model exists either (momentum, when set, keeps one float buffer
+  per tensor: optimizer state). A server that announces it (``accept-final-codes`` in the train config)
+  receives the final codes + scales of the quantized layers instead of a float delta and forms the delta from
+  what it sent (:func:`final_codes_arrays`); float parameters upload their delta at ``uplink_bits``.
 
 ``--bits 16`` is a profile-only setting (``fedaqt profile``, the float16 row of the dissertation's Table 3.2): the
 client model is the float model in float16 (inputs cast to float16, outputs back to float32).
@@ -26,7 +27,7 @@ import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -34,12 +35,12 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fedaqt.algorithms.base import ClientAlgorithm, LocalContext, algorithm_generator
 from fedaqt.client.memory import MemoryProbe, MemoryProfile, profiling_requested
 from fedaqt.config import RunConfig
-from fedaqt.plugins import get_workload_class
+from fedaqt.plugins import get_algorithm_class, get_workload_class
 from fedaqt.quant.convert import quant_layers
 from fedaqt.quant.layers import QuantLayer
-from fedaqt.quant.quantize import dequantize
 from fedaqt.quant.uplink import encode_tensor_uplink
 from fedaqt.quant.wire import SCALE_SUFFIX
 from fedaqt.quant.wire import load_client_broadcast as load_broadcast  # noqa: F401  (moved to quant; name kept)
@@ -349,6 +350,30 @@ def _batch_tensors(batches: list[Any]) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
+_ALGORITHM_CLASSES: dict[str, type[ClientAlgorithm]] = {}
+
+
+def algorithm_class(name: str) -> type[ClientAlgorithm]:
+    """:func:`fedaqt.plugins.get_algorithm_class`, cached per process (entry-point discovery scans every installed
+    distribution; a Ray actor runs many rounds).
+
+    Raises:
+        UnknownPluginError / PluginLoadError: as :func:`fedaqt.plugins.get_algorithm_class`.
+    """
+    if name not in _ALGORITHM_CLASSES:
+        _ALGORITHM_CLASSES[name] = get_algorithm_class(name)
+    return _ALGORITHM_CLASSES[name]
+
+
+def get_algorithm(config: RunConfig) -> ClientAlgorithm:
+    """The client algorithm of ``config`` (:func:`algorithm_class`), options parsed.
+
+    Raises:
+        UnknownPluginError: unknown ``config.algorithm``. ConfigError: a bad option value.
+    """
+    return algorithm_class(config.algorithm)(config)
+
+
 def client_round(
     workload: Workload,
     model: nn.Module,
@@ -360,40 +385,40 @@ def client_round(
     final_codes: bool = False,
     probe: Optional[MemoryProbe] = None,
 ) -> RoundResult:
-    """Train the already-loaded client ``model`` for one round and encode the upload.
+    """Train the already-loaded client ``model`` for one round with the client algorithm ``config.algorithm``
+    (:mod:`fedaqt.algorithms`) and encode the upload.
 
-    FedSGD (spec §2.2 step 3): one batch; the upload holds dL/dw_q for quantized tensors and dL/dp for float ones,
-    encoded at ``config.uplink_bits`` as each gradient is produced (module docstring).
-    FedAvg (step 4): ``config.local_steps`` SGD steps (lr ``config.lr``) with re-quantization after every step
-    (fresh max-abs scale), applied per layer as soon as its gradient exists; optional FedProx term
-    ``proximal_mu * (w - w_0)``. Upload: the delta (final - received, on dequantized values), or with
-    ``final_codes`` the final codes + scales of quantized layers (float parameters still send their delta).
-    Float buffers (BatchNorm statistics) upload their change in both modes.
+    The algorithm chooses the round's batches and does the local computation (FedSGD: one batch, the gradient;
+    FedAvg: local SGD with re-quantization, the delta or, with ``final_codes``, the final codes + scales of
+    quantized layers; optional FedProx term ``proximal_mu * (w - w_0)``). This function does the plumbing: the
+    seed, the memory probe, the upload buffer, the change of float buffers (BatchNorm statistics, uploaded by
+    every algorithm), the removal of hooks and the metrics.
 
     Args:
         profile: measure memory with MemTracker (None: :func:`fedaqt.client.memory.profiling_requested`).
-        final_codes: FedAvg only; the server forms the delta of quantized layers from what it sent.
+        final_codes: the server accepts final codes (algorithms with ``upload == "delta"``).
         probe: an entered :class:`MemoryProbe` of the caller that spans more than the training (decoding the
             broadcast, serializing the reply: :func:`fedaqt.client.app.handle_train`); the caller then reads
             the memory metrics from it after it exits and ``profile`` is ignored. None: the round measures
             itself (training only, no message bytes).
 
     Returns:
-        RoundResult; without ``probe``, ``metrics`` include the memory profile (``rss_peak_mib`` always;
+        RoundResult; ``metrics`` hold ``train_loss``, ``seconds``, ``changed_fraction``, ``upload_bytes``, the
+        algorithm's own metrics and, without ``probe``, the memory profile (``rss_peak_mib`` always;
         ``peak_mib``, ``mem_<category>_mib``, ``train_peak_mib``, ``saved_<group>_mib`` when profiled).
 
     Raises:
         RuntimeError: with FedAvg, a quantized layer used twice in one forward pass (its codes change during
             backward; autograd reports the in-place modification).
+        UnknownPluginError / ConfigError: unknown algorithm or bad algorithm option.
     """
     t0 = time.perf_counter()
     torch.manual_seed(hash((config.seed, client_id, round_num)) % (2**31))
+    algorithm = get_algorithm(config)
     model.train()
     workload.set_checkpointing(model, config.checkpointing)
-    fedsgd = config.algorithm == "fedsgd"
-    steps = 1 if fedsgd else config.local_steps
     with (probe.paused() if probe is not None else nullcontext()):  # feature extraction is not the model
-        batches = workload.client_batches(client_id, round_num, steps, config.batch_size)
+        batches = algorithm.batches(workload, client_id, round_num)
     own_probe = probe is None
     if own_probe:
         enabled = profiling_requested(config) if profile is None else bool(profile)
@@ -401,136 +426,34 @@ def client_round(
     else:
         probe.track(*_batch_tensors(batches))
     upload = UploadBuffer(config.uplink_bits, uplink_generator(config.seed, client_id, round_num), probe)
-    qlayers = quant_layers(model)
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    handles: list[Any] = []
-    losses: list[float] = []
-    n_total = 0
-    changed = 0.0
+    ctx = LocalContext(
+        workload=workload, model=model, config=config, client_id=client_id, round_num=round_num,
+        qlayers=quant_layers(model), params={k: p for k, p in model.named_parameters() if p.requires_grad},
+        upload=upload, probe=probe, generator=algorithm_generator(config.seed, client_id, round_num),
+        lr=float(config.lr), proximal_mu=float(proximal_mu), final_codes=bool(final_codes),
+    )
     with (probe if own_probe else nullcontext()), probe.training():
         try:
             buffers0 = {k: v.detach().clone() for k, v in float_buffers(model).items()}
-            if fedsgd:
-                n_total = _fedsgd_step(workload, model, batches[0], qlayers, params, upload, handles, losses, probe)
-            else:
-                n_total, changed = _fedavg_steps(workload, model, batches, qlayers, params, upload, handles, losses,
-                                                 config.lr, proximal_mu, final_codes and bool(qlayers), probe)
+            local = algorithm.local_round(ctx, batches)
             for key, v in float_buffers(model).items():
                 upload.add(key, v.detach() - buffers0[key])
             del buffers0
         finally:
-            for h in handles:
+            for h in ctx.handles:
                 h.remove()
-            for layer in qlayers.values():
+            for layer in ctx.qlayers.values():
                 layer.set_weight_grad_hook(None)
+    if not ctx.losses:
+        raise RuntimeError(f"algorithm {config.algorithm!r} recorded no training loss (LocalContext.losses)")
     metrics = {
-        "train_loss": float(sum(losses) / len(losses)),
+        "train_loss": float(sum(ctx.losses) / len(ctx.losses)),
         "seconds": time.perf_counter() - t0,
-        "changed_fraction": float(changed),
+        "changed_fraction": float(local.changed_fraction),
         "upload_bytes": float(upload.nbytes()),
     }
+    for k, v in local.metrics.items():
+        metrics.setdefault(k, float(v))
     if own_probe:
         metrics.update(probe.profile.metrics())
-    return RoundResult(upload=upload, num_examples=int(n_total), metrics=metrics, memory=probe.profile)
-
-
-def _param_hook(fn: Callable[[str, torch.Tensor], None], key: str) -> Callable[[torch.Tensor], None]:
-    def hook(p: torch.Tensor) -> None:
-        g = p.grad
-        p.grad = None  # drop the float gradient at once
-        if g is not None:
-            fn(key, g)
-
-    return hook
-
-
-def _fedsgd_step(workload, model, batch, qlayers, params, upload: UploadBuffer, handles, losses,
-                 probe: MemoryProbe) -> int:
-    for p in params.values():
-        p.grad = None
-    for layer in qlayers.values():
-        layer.zero_weight_grad()
-        layer.set_weight_grad_hook(lambda layer, g: upload.add(layer.weight_key, g))
-    with probe.saved_activations():
-        loss, n = workload.loss(model, batch)
-    # Parameter hooks are installed after the forward pass so that they run after MemTracker's own grad hooks
-    # (installed during the forward), which read p.grad.
-    for key, p in params.items():
-        handles.append(p.register_post_accumulate_grad_hook(_param_hook(upload.add, key)))
-    loss.backward()
-    losses.append(float(loss.detach()))
-    del loss
-    for key, layer in qlayers.items():
-        if key not in upload:
-            upload.add_zeros(key, tuple(layer.weight_shape))
-    for key, p in model.named_parameters():
-        if key not in upload:
-            upload.add_zeros(key, tuple(p.shape))
-    return int(n)
-
-
-def _fedavg_steps(workload, model, batches, qlayers, params, upload: UploadBuffer, handles, losses, lr: float,
-                  proximal_mu: float, final_codes: bool, probe: MemoryProbe) -> tuple[int, float]:
-    keep_codes0 = proximal_mu != 0.0 or not final_codes
-    codes0 = {k: (l.codes.clone(), l.scale.clone()) for k, l in qlayers.items()} if keep_codes0 else {}
-    params0 = {k: p.detach().clone() for k, p in params.items()}
-    probe.mark_other(*[t for pair in codes0.values() for t in pair], *params0.values())
-    counts = {"changed": 0}
-    numel = sum(l.codes.numel() for l in qlayers.values())
-
-    @torch.no_grad()
-    def layer_step(layer: QuantLayer, g: torch.Tensor) -> None:
-        w = layer.dequantized_weight()  # the transient float weight of this layer only
-        g = g.to(w.dtype)
-        if proximal_mu:
-            c0, s0 = codes0[layer.weight_key]
-            g = g + proximal_mu * (w - dequantize(c0, s0))
-        w.sub_(g, alpha=lr)  # in place: no float temporaries beyond w
-        del g
-        before = layer.codes.clone()
-        layer.requantize_(w)
-        del w
-        counts["changed"] += int((layer.codes != before).sum())
-
-    @torch.no_grad()
-    def param_step(key: str, g: torch.Tensor) -> None:
-        p = params[key]
-        if proximal_mu:
-            g = g + proximal_mu * (p - params0[key])
-        p.sub_(lr * g)
-
-    for layer in qlayers.values():
-        layer.zero_weight_grad()
-        layer.set_weight_grad_hook(layer_step)
-    n_total = 0
-    for i, batch in enumerate(batches):
-        probe.next_step()
-        for p in params.values():
-            p.grad = None
-        with probe.saved_activations():
-            loss, n = workload.loss(model, batch)
-        if i == 0:  # after the first forward: run after MemTracker's grad hooks (see _fedsgd_step)
-            for key, p in params.items():
-                handles.append(p.register_post_accumulate_grad_hook(_param_hook(param_step, key)))
-        loss.backward()
-        losses.append(float(loss.detach()))
-        del loss
-        n_total += int(n)
-    with torch.no_grad():
-        for key, layer in qlayers.items():
-            if final_codes:
-                upload.add_final_codes(key, layer)
-            else:
-                c0, s0 = codes0[key]
-                upload.add(key, layer.dequantized_weight() - dequantize(c0, s0))
-        del codes0
-        for key, p in model.named_parameters():
-            if key in params0:
-                d = params0.pop(key)  # the received copy becomes the delta, in place: p - p0
-                d.sub_(p.detach()).neg_()
-                upload.add(key, d)
-                del d
-            else:
-                upload.add_zeros(key, tuple(p.shape))
-    changed = counts["changed"] / max(1, numel * len(batches))
-    return n_total, changed
+    return RoundResult(upload=upload, num_examples=int(local.num_examples), metrics=metrics, memory=probe.profile)

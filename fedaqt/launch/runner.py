@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedaqt.config import ConfigError, RunConfig
-from fedaqt.plugins import get_strategy_plugin, get_workload_class, strategy_names, workload_names
+from fedaqt.plugins import (algorithm_names, get_algorithm_class, get_strategy_plugin, get_workload_class,
+                            strategy_names, workload_names)
 from fedaqt.report.rundir import RunDir
 
 log = logging.getLogger("fedaqt.launch")
@@ -37,21 +38,21 @@ def preflight(config: RunConfig) -> RunConfig:
             (``--device-profile``, see :mod:`fedaqt.server.budgets`).
         FileNotFoundError: the workload's data is missing (the message says how to build it).
     """
-    config.validate(known_workloads=workload_names(), known_strategies=strategy_names())
+    config.validate(known_workloads=workload_names(), known_strategies=strategy_names(),
+                    known_algorithms=algorithm_names())
     plugin = get_strategy_plugin(config.strategy)
-    from fedaqt.server.app import algorithm_upload
-
-    upload = algorithm_upload(config.algorithm)
-    if plugin.upload not in ("", upload):
+    algorithm = get_algorithm_class(config.algorithm)
+    if plugin.upload not in ("", algorithm.upload):
         if config.strategy == "relay":
             raise ConfigError(
-                f"strategy 'relay' is defined for FedSGD only (spec §2.2 step 6), got algorithm={config.algorithm!r}; "
-                "use --algorithm fedsgd, or another strategy for FedAvg"
+                f"strategy 'relay' is defined for FedSGD only (spec §2.2 step 6), got algorithm={config.algorithm!r} "
+                f"(upload {algorithm.upload!r}); use --algorithm fedsgd, or another strategy for FedAvg"
             )
         raise ConfigError(
-            f"strategy {config.strategy!r} needs a client algorithm that uploads {plugin.upload}s, got "
-            f"algorithm={config.algorithm!r} (uploads {upload}s)"
+            f"strategy {config.strategy!r} needs a client algorithm that uploads a {plugin.upload!r}; algorithm "
+            f"{config.algorithm!r} uploads a {algorithm.upload!r}"
         )
+    algorithm.validate(config)  # ConfigError naming the key (e.g. FedSGD with local_steps != 1, a bad -o value)
     validate_round_options(config)
     if config.device_profile:
         from fedaqt.server.budgets import validate_device_profile
@@ -67,6 +68,9 @@ def preflight(config: RunConfig) -> RunConfig:
 
         model = workload.build_model()
         plugin.factory(config, make_spec(config, workload, model))
+        algorithm.max_examples(config, workload, 0)  # e.g. local_epochs on a workload without partition_size
+    except NotImplementedError as exc:
+        raise ConfigError(f"algorithm {config.algorithm!r} with workload {config.workload!r}: {exc}") from exc
     except (ValueError, TypeError, KeyError) as exc:
         if isinstance(exc, ConfigError):
             raise

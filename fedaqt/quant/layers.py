@@ -147,11 +147,13 @@ class QuantLayer(nn.Module):
         return dequantize(self.codes, self.scale)
 
     @torch.no_grad()
-    def requantize_(self, w_float: torch.Tensor) -> None:
+    def requantize_(self, w_float: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
         """Re-quantize a float weight into the buffers with a fresh max-abs scale (spec 2.2 step 4.4).
 
         Args:
             w_float: floating tensor shaped like the weight (e.g. ``ŵ_t - η g_t``); it is not kept.
+            generator: None = round to nearest; a ``torch.Generator`` = unbiased stochastic rounding
+                (:func:`fedaqt.quant.quantize.quantize`), so a step smaller than half a code is not rounded away.
 
         Raises:
             ValueError: wrong shape or non-floating input.
@@ -161,7 +163,7 @@ class QuantLayer(nn.Module):
                 f"{self.weight_key or type(self).__name__}: weight shape {tuple(w_float.shape)} != "
                 f"{tuple(self.weight_shape)}"
             )
-        codes, s = quantize(w_float, self.bits, self.granularity)
+        codes, s = quantize(w_float, self.bits, self.granularity, generator)
         self.codes.copy_(codes)
         self.scale.copy_(s.to(self.scale.dtype))
 

@@ -139,13 +139,21 @@ def compute_scale(
     return (_amax(w, granularity) / t).clamp_min(eps)
 
 
-def quantize(w: torch.Tensor, bits: int, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, bits: int, granularity: Granularity,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w`` to codes and scale (spec 1.1): ``q = clamp(round(w/s), -t_b, t_b)``.
+
+    With ``generator`` the codes use unbiased stochastic rounding instead (spec §2.4 "FedAvg stagnation"):
+    ``q = clamp(floor(w/s + u), -t_b, t_b)`` with ``u ~ U[0, 1)`` drawn from ``generator`` (one draw per
+    element), so ``E[s q] = w`` for every element (the scale is still the max-abs scale, hence ``|w/s| <= t_b``
+    and the clamp only guards round-off). A ``w`` already on the grid (``w = s q``) keeps its codes exactly.
 
     Args:
         w: floating tensor, any shape (per channel: axis 0 = output channel).
         bits: 8 or 4 (int4 codes also live in an int8 container, values in ``[-7, 7]``).
         granularity: ``"tensor"`` or ``"channel"``.
+        generator: None (default) = round to nearest (half to even, ``torch.round``); a ``torch.Generator`` on
+            ``w``'s device = stochastic rounding, deterministic in the generator's state.
 
     Returns:
         ``(codes, scale)``: ``codes`` int8 with ``w``'s shape; ``scale`` in ``w``'s dtype, 0-d (per tensor) or
@@ -157,7 +165,14 @@ def quantize(w: torch.Tensor, bits: int, granularity: Granularity) -> tuple[torc
     with torch.no_grad():
         t = qmax(bits)
         s = compute_scale(w.detach(), bits, granularity)
-        q = torch.clamp(torch.round(w.detach() / broadcast_scale(s, w.dim())), -t, t)
+        x = w.detach() / broadcast_scale(s, w.dim())
+        if generator is None:
+            q = torch.round(x)
+        else:
+            u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            q = torch.floor(x.add_(u))
+            del u
+        q = torch.clamp(q, -t, t)
         return q.to(torch.int8), s
 
 

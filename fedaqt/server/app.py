@@ -53,7 +53,7 @@ from torch import nn
 
 from fedaqt import protocol
 from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
-from fedaqt.plugins import get_strategy_plugin, get_workload_class
+from fedaqt.plugins import get_algorithm_class, get_strategy_plugin, get_workload_class
 from fedaqt.protocol import BROADCAST_KEY, METRICS_KEY, NUM_EXAMPLES, QUANT_META_KEY, BroadcastSpec, ClientRow
 from fedaqt.quant.convert import quantized_weight_keys
 from fedaqt.quant.wire import QTensor, decode_broadcast, record_nbytes
@@ -82,25 +82,6 @@ def float_state_split(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str
     return params, buffers
 
 
-def algorithm_upload(algorithm: str) -> str:
-    """What client algorithm ``algorithm`` uploads: "gradient" or "delta" (the algorithm class's ``upload``; the
-    built-ins fedsgd -> "gradient", fedavg -> "delta" until the algorithm registry provides it).
-
-    Raises:
-        ValueError: an unknown algorithm without an ``upload``.
-    """
-    try:
-        from fedaqt.plugins import get_algorithm_class  # type: ignore[attr-defined]
-    except ImportError:
-        get_algorithm_class = None
-    if get_algorithm_class is not None:
-        return str(get_algorithm_class(algorithm).upload)
-    builtin = {"fedsgd": "gradient", "fedavg": "delta"}
-    if algorithm not in builtin:
-        raise ValueError(f"unknown client algorithm {algorithm!r} (known: {', '.join(builtin)})")
-    return builtin[algorithm]
-
-
 def sample_partitions(seed: int, server_round: int, num_clients: int, clients_per_round: int) -> list[int]:
     """The data partitions trained in ``server_round``: ``clients_per_round`` distinct ids of ``range(num_clients)``,
     sorted, a deterministic function of ``(seed, round)`` (numpy ``default_rng([seed, 7919, round])``)."""
@@ -118,7 +99,7 @@ def make_spec(config: RunConfig, workload: Workload, model: nn.Module) -> Broadc
         quantized_keys=frozenset(list(qkeys) + list(extra)),
         param_shapes={k: tuple(v.shape) for k, v in params.items()},
         buffer_shapes={k: tuple(v.shape) for k, v in buffers.items()},
-        update_kind=algorithm_upload(config.algorithm),
+        update_kind=get_algorithm_class(config.algorithm).upload,
         final_code_keys=frozenset(qkeys),
     )
 
@@ -425,10 +406,12 @@ class Server:
         return rnd == 1 or rnd == self.config.rounds or rnd % every == 0
 
     def max_examples_per_reply(self) -> int:
-        """The most examples a client is asked to process in one round: one batch (FedSGD) or ``local_steps``
-        batches (FedAvg) of ``batch_size``; a reply claiming more is rejected."""
+        """The most examples any client is asked to process in one round, from the client algorithm
+        (:meth:`ClientAlgorithm.max_examples`: one batch for FedSGD, ``local_steps`` batches or ``local_epochs``
+        passes over the client's partition for FedAvg); a reply claiming more is rejected."""
         cfg = self.config
-        return int(cfg.batch_size * (1 if cfg.algorithm == "fedsgd" else cfg.local_steps))
+        algorithm = get_algorithm_class(cfg.algorithm)
+        return max(int(algorithm.max_examples(cfg, self.workload, c)) for c in range(cfg.num_clients))
 
     def configure_round(self, rnd: int, grid: Any, config: ConfigRecord | None = None) -> list[Message]:
         """The train messages of round ``rnd``: the strategy's (Flower's node sampling + the broadcast), each with its

@@ -181,6 +181,32 @@ class ASRWorkload(Workload):
             batches.append(collate(items))
         return batches
 
+    def partition_size(self, client_id: int) -> int:
+        """Utterances of client ``client_id`` (its speakers')."""
+        return len(self.client_utterances(client_id))
+
+    def client_epoch_batches(self, client_id: int, round_num: int, epoch: int, batch_size: int) -> list[Any]:
+        """Every utterance of the client once, permuted by (seed, client, round, epoch), in batches of
+        ``batch_size`` (the last may be smaller); same batch format as :meth:`client_batches`.
+
+        Raises:
+            ValueError: the client has no utterances, or ``batch_size < 1``.
+        """
+        utts = self.client_utterances(client_id)
+        if not utts:
+            raise ValueError(f"client {client_id} has no utterances")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        order = np.random.default_rng([self.config.seed, client_id, round_num, epoch, 0x45504F]).permutation(len(utts))
+        batches = []
+        for i in range(0, len(order), batch_size):
+            items = []
+            for j in order[i : i + batch_size]:
+                u = utts[int(j)]
+                items.append((self._features(u), encode_text(u.transcript), u.transcript))
+            batches.append(collate(items))
+        return batches
+
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.config.seed)

@@ -81,6 +81,30 @@ class Workload(ABC):
     def client_batches(self, client_id: int, round_num: int, num_batches: int, batch_size: int) -> list[Any]:
         """The ``num_batches`` training batches of client ``client_id`` for ``round_num`` (deterministic)."""
 
+    def partition_size(self, client_id: int) -> int:
+        """Examples in client ``client_id``'s partition (``-o local_epochs``: one epoch covers them once).
+
+        Raises:
+            NotImplementedError: the workload does not support ``local_epochs`` (default).
+        """
+        raise NotImplementedError(
+            f"workload {self.name or type(self).__name__!r} does not implement partition_size/client_epoch_batches: "
+            "local_epochs is unsupported; use --local-steps"
+        )
+
+    def client_epoch_batches(self, client_id: int, round_num: int, epoch: int, batch_size: int) -> list[Any]:
+        """One pass over client ``client_id``'s partition (``-o local_epochs``): every example exactly once, in
+        a permutation that is a deterministic function of (``config.seed``, client, round, epoch), cut into
+        ``ceil(partition_size / batch_size)`` batches (the last one may be smaller).
+
+        Raises:
+            NotImplementedError: the workload does not support ``local_epochs`` (default).
+        """
+        raise NotImplementedError(
+            f"workload {self.name or type(self).__name__!r} does not implement client_epoch_batches: "
+            "local_epochs is unsupported; use --local-steps"
+        )
+
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         """Mean loss over the batch (0-d float tensor) and the number of examples it covers."""

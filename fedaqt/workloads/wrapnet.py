@@ -355,6 +355,33 @@ class WrapNetWorkload(Workload):
         return [(xb[i * batch_size : (i + 1) * batch_size], yb[i * batch_size : (i + 1) * batch_size])
                 for i in range(num_batches)]
 
+    def partition_size(self, client_id: int) -> int:
+        """Images in client ``client_id``'s partition.
+
+        Raises:
+            ValueError: ``client_id`` outside ``0..num_clients-1``.
+        """
+        if not 0 <= client_id < self.config.num_clients:
+            raise ValueError(f"client_id={client_id} is out of range 0..{self.config.num_clients - 1}")
+        return int(len(self.partitions()[client_id]))
+
+    def client_epoch_batches(self, client_id: int, round_num: int, epoch: int, batch_size: int) -> list[Any]:
+        """One pass over client ``client_id``'s partition: every image once, permuted by (seed, client, round,
+        epoch), as batches ``(x float32 [B, 1, 28, 28], y int64 [B])`` of ``batch_size`` (the last may be smaller).
+
+        Raises:
+            ValueError: ``client_id`` out of range or ``batch_size < 1``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.partition_size(client_id)
+        x, y = self._train_data()
+        part = np.asarray(self.partitions()[client_id])
+        order = np.random.default_rng([self.config.seed, client_id, round_num, epoch, 0x45504F]).permutation(part)
+        idx = torch.from_numpy(order)
+        xb, yb = self._to_float(x[idx]), y[idx]
+        return [(xb[i : i + batch_size], yb[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         """``CE + λ_o R_o`` (spec §3.3; R_o is recorded by the layers in training mode only). Returns (mean loss,
         batch size)."""
