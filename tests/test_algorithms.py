@@ -521,7 +521,7 @@ def test_example_algorithm_runs_on_ray(example_site):
 def test_preflight_checks_the_algorithm_before_ray(toy_registered, tmp_path):
     """preflight: the strategy's upload kind against the algorithm's, the algorithm's own rules and options, and
     local_epochs on a workload without partitions -- all ConfigError before any work starts."""
-    from fedaqt.sim.runner import preflight
+    from fedaqt.launch.runner import preflight
 
     base = dict(workload="toy", num_clients=3, clients_per_round=3, out=str(tmp_path / "r"))
     preflight(RunConfig(strategy="fedavg", algorithm="fedavg", options={"momentum": 0.9}, **base))
