@@ -35,7 +35,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
+from fedaqt.config import RESUME_OVERRIDABLE, RunConfig, migrate_legacy
+from fedaqt.options import CoreOptions, core_options
 from fedaqt.plugins import get_strategy_plugin, get_workload_class
 from fedaqt.quant.convert import quantized_weight_keys
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
@@ -48,10 +49,10 @@ log = logging.getLogger("fedaqt.server")
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
 
-#: ``options.round_timeout``: seconds the server waits for a round's replies
-DEFAULT_ROUND_TIMEOUT = 3600.0
+#: ``options.round_timeout``: seconds the server waits for a round's replies (declared in fedaqt.options.CoreOptions)
+DEFAULT_ROUND_TIMEOUT = CoreOptions.model_fields["round_timeout"].default
 #: ``options.max_nonfinite_rounds``: rounds with a non-finite aggregated model before the run stops
-DEFAULT_MAX_NONFINITE_ROUNDS = 3
+DEFAULT_MAX_NONFINITE_ROUNDS = CoreOptions.model_fields["max_nonfinite_rounds"].default
 
 
 class RunAborted(RuntimeError):
@@ -188,8 +189,12 @@ def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
 
 
 def semantic_config(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
-    """The configuration keys that determine the computation (all but where/how it runs)."""
-    d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    """The configuration keys that determine the computation (all but where/how it runs).
+
+    A mapping from a checkpoint written before the ASR/partition settings became workload options is migrated
+    first (:func:`fedaqt.config.migrate_legacy`), as ``fedaqt run --resume`` migrates the run's ``config.json``.
+    """
+    d = config.to_dict() if isinstance(config, RunConfig) else migrate_legacy(dict(config), source="checkpoint")
     return {k: v for k, v in d.items() if k not in RESUME_OVERRIDABLE and k != "out"}
 
 
@@ -401,8 +406,8 @@ class Server:
                 server-side evaluation failed; every round before is checkpointed and the message says how to resume.
         """
         cfg = self.config
-        timeout = float(cfg.options.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
-        max_bad = int(cfg.options.get("max_nonfinite_rounds", DEFAULT_MAX_NONFINITE_ROUNDS))
+        core = core_options(cfg)  # typed, validated in preflight
+        timeout, max_bad = core.round_timeout, core.max_nonfinite_rounds
         self.strategy.max_examples = self.max_examples_per_reply()
         train_config = ConfigRecord({"run-config": json.dumps(cfg.to_dict(), sort_keys=True)})
         for rnd in range(self.start_round, cfg.rounds + 1):

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from pydantic import Field
 
 from fedaqt.config import RunConfig
+from fedaqt.options import BaseOptions, NoOptions, options_for
 from fedaqt.strategies.quantized import QuantizedMixin
 from fedaqt.strategies.relay import GradientRelayMixin
 
@@ -74,23 +76,42 @@ def _fedavgm(cfg: RunConfig) -> QuantizedFedAvgM:
     return QuantizedFedAvgM(**sampling_kwargs(cfg), server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
 
 
-def _fedopt_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """Flower FedOpt hyper-parameters: eta = server_lr, eta_l = lr; beta_1/beta_2/tau from ``options``."""
-    kw: dict[str, Any] = {"eta": cfg.server_lr, "eta_l": cfg.lr, "tau": float(cfg.options.get("tau", 1e-3))}
-    for key in ("beta_1", "beta_2"):
-        if key in cfg.options:
-            kw[key] = float(cfg.options[key])
-    return kw
+class FedProxOptions(BaseOptions):
+    """Options of the fedprox strategy."""
+
+    proximal_mu: float = Field(0.01, ge=0, description="weight mu of the clients' proximal term mu/2 ||w - W||^2")
+
+
+class FedOptOptions(BaseOptions):
+    """Options of the fedadam / fedyogi strategies (Flower's FedOpt; eta = --server-lr, eta_l = --lr)."""
+
+    tau: float = Field(1e-3, gt=0, description="adaptivity tau of the server optimizer (Flower default 1e-3)")
+    beta_1: float = Field(0.9, ge=0, lt=1, description="first-moment decay of the server optimizer")
+    beta_2: float = Field(0.99, ge=0, lt=1, description="second-moment decay of the server optimizer")
+
+
+def _fedopt_kwargs(cfg: RunConfig, name: str = "fedadam") -> dict[str, Any]:
+    """Flower FedOpt hyper-parameters: eta = server_lr, eta_l = lr; beta_1/beta_2/tau from the typed options
+    (:class:`FedOptOptions`; defaults are Flower's FedAdam/FedYogi defaults)."""
+    o = options_for(FedOptOptions, cfg.options, f"strategy {name}")
+    return {"eta": cfg.server_lr, "eta_l": cfg.lr, "tau": o.tau, "beta_1": o.beta_1, "beta_2": o.beta_2}
+
+
+def _fedprox(cfg: RunConfig) -> "QuantizedFedProx":
+    mu = options_for(FedProxOptions, cfg.options, "strategy fedprox").proximal_mu
+    return QuantizedFedProx(**sampling_kwargs(cfg), proximal_mu=mu)
 
 
 @dataclass(frozen=True)
 class StrategyPlugin:
     """A registered strategy: ``factory(config)`` builds it; ``algorithm`` is the client algorithm it needs
-    ("fedsgd", "fedavg" or "" for either); ``description`` is one line for ``fedaqt plugins list``."""
+    ("fedsgd", "fedavg" or "" for either); ``description`` is one line for ``fedaqt plugins list``; ``Options``
+    its typed ``-o`` options (a pydantic model, see :mod:`fedaqt.options`; default none)."""
 
     factory: Callable[[RunConfig], Any]
     algorithm: str
     description: str
+    Options: type = NoOptions
 
 
 BUILTIN_STRATEGIES: dict[str, StrategyPlugin] = {
@@ -107,19 +128,22 @@ BUILTIN_STRATEGIES: dict[str, StrategyPlugin] = {
         "gradient relay: FedSGD + server-side scale-gradient correction = centralized QAT (spec §2.3)",
     ),
     "fedprox": StrategyPlugin(
-        lambda cfg: QuantizedFedProx(**sampling_kwargs(cfg), proximal_mu=float(cfg.options.get("proximal_mu", 0.01))),
+        _fedprox,
         "fedavg",
         "FedProx (Li et al. 2020): proximal term on clients (options.proximal_mu), Flower FedProx server",
+        FedProxOptions,
     ),
     "fedadam": StrategyPlugin(
-        lambda cfg: QuantizedFedAdam(**sampling_kwargs(cfg), **_fedopt_kwargs(cfg)),
+        lambda cfg: QuantizedFedAdam(**sampling_kwargs(cfg), **_fedopt_kwargs(cfg, "fedadam")),
         "",
         "FedAdam (Reddi et al. 2021), Flower FedAdam server optimizer (eta = --server-lr)",
+        FedOptOptions,
     ),
     "fedyogi": StrategyPlugin(
-        lambda cfg: QuantizedFedYogi(**sampling_kwargs(cfg), **_fedopt_kwargs(cfg)),
+        lambda cfg: QuantizedFedYogi(**sampling_kwargs(cfg), **_fedopt_kwargs(cfg, "fedyogi")),
         "",
         "FedYogi (Reddi et al. 2021), Flower FedYogi server optimizer (eta = --server-lr)",
+        FedOptOptions,
     ),
 }
 
@@ -144,7 +168,8 @@ def plugin_from_class(cls: type) -> StrategyPlugin:
             return cls(**sampling_kwargs(cfg))
 
     text = str(getattr(cls, "description", "") or cls.__doc__ or "").strip()
-    return StrategyPlugin(factory, str(getattr(cls, "algorithm", "")), text.splitlines()[0].strip() if text else cls.__name__)
+    return StrategyPlugin(factory, str(getattr(cls, "algorithm", "")), text.splitlines()[0].strip() if text else cls.__name__,
+                          getattr(cls, "Options", NoOptions))
 
 
 def as_strategy_plugin(obj: Any) -> StrategyPlugin:
@@ -159,7 +184,7 @@ def as_strategy_plugin(obj: Any) -> StrategyPlugin:
     if isinstance(obj, type):
         return plugin_from_class(obj)
     if callable(getattr(obj, "factory", None)) and hasattr(obj, "algorithm") and hasattr(obj, "description"):
-        return StrategyPlugin(obj.factory, str(obj.algorithm), str(obj.description))
+        return StrategyPlugin(obj.factory, str(obj.algorithm), str(obj.description), getattr(obj, "Options", NoOptions))
     raise TypeError(f"{obj!r} is neither a StrategyPlugin nor a QuantizedMixin strategy class")
 
 
