@@ -370,8 +370,9 @@ def resolve_config(preset: str | None, config_file: str | None, cli: dict[str, A
     if config_file:
         layers.append((str(config_file), load_config_file(config_file)))
     for source, values in layers:
+        # top-level settings that are workload options now move into this layer's options (logged once)
+        values = migrate_legacy(values, source=source, workload=values.get("workload") or cfg.workload)
         RunConfig.from_mapping(values, source=source)  # unknown keys / types, naming this source
-        values = {k.replace("-", "_"): v for k, v in values.items()}
         if "options" in values and isinstance(values["options"], dict):
             values["options"] = {**cfg.options, **values["options"]}
         cfg = cfg.override(values, source=source)
