@@ -159,7 +159,7 @@ class WrapNetWorkload(Workload):
         return layer_name.replace(".", "_")
 
     def data_root(self) -> Path:
-        """Directory with the idx files: ``options.data_root``, else ``config.data_dir`` if it holds them, else
+        """Directory with the idx files: ``options.data_root``, else ``options.data_dir`` if it holds them, else
         the Debian package location."""
         if self.opts["data_root"]:
             return Path(self.opts["data_root"])
