@@ -43,8 +43,8 @@ def main() -> None:
             bits=bits, granularity=args.granularity, strategy="fedsgd", algorithm="fedsgd",
             num_clients=half, clients_per_round=args.clients_per_round, rounds=args.rounds,
             batch_size=args.batch_size, server_lr=args.server_lr, server_momentum=0.9, seed=args.seed,
-            eval_every=args.rounds, data_dir=args.data_dir, out=str(out / f"bits{bits}"),
-            options={"speaker_offset": half, "init_checkpoint": str(ckpt)},
+            eval_every=args.rounds, out=str(out / f"bits{bits}"),
+            options={"speaker_offset": half, "init_checkpoint": str(ckpt), "data_dir": args.data_dir},
         )
         summary = run_or_reuse(cfg)
         rounds = pd.read_csv(out / f"bits{bits}" / "rounds.csv")

@@ -34,8 +34,8 @@ def pretrain_central(out: Path, speakers: int, steps: int, batch_size: int, lr: 
     """
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / f"pretrained_s{speakers}_n{steps}_b{batch_size}_seed{seed}.pt"
-    cfg = RunConfig(num_clients=speakers, data_dir=data_dir, model_size=model_size, seed=seed,
-                    options={"dropout": 0.1})
+    cfg = RunConfig(num_clients=speakers, seed=seed,
+                    options={"dropout": 0.1, "data_dir": data_dir, "model_size": model_size})
     workload = ASRWorkload(cfg)
     workload.prepare()
     model = workload.build_model()

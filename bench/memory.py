@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(Console().width, 170))
 
     ckpt = not args.no_checkpointing
-    base = RunConfig(workload="asr", model_size=args.model_size, batch_size=args.batch_size, data_dir=args.data_dir,
-                     checkpointing=ckpt).to_dict()
+    base = RunConfig(workload="asr", batch_size=args.batch_size, checkpointing=ckpt,
+                     options={"model_size": args.model_size, "data_dir": args.data_dir}).to_dict()
     combos = []
     for name, bits in DTYPES:
         combos.append({"bits": bits, "uplink_bits": 16 if bits == 16 else 32, "algorithm": "fedsgd"})

@@ -36,8 +36,8 @@ def main() -> None:
             bits=args.bits, granularity=args.granularity, strategy=strategy, algorithm="fedsgd",
             num_clients=half, clients_per_round=8, rounds=args.rounds, batch_size=2,
             server_lr=args.server_lr, server_momentum=0.9, seed=args.seed, eval_every=args.eval_every,
-            data_dir=args.data_dir, real_eval=False, out=str(out / strategy),
-            options={"speaker_offset": half, "init_checkpoint": str(ckpt)},
+            out=str(out / strategy),
+            options={"speaker_offset": half, "init_checkpoint": str(ckpt), "data_dir": args.data_dir, "real_eval": False},
         )
         print(f"== int{args.bits} FedSGD, strategy={strategy}")
         run_or_reuse(cfg)

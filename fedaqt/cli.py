@@ -20,6 +20,10 @@ app.add_typer(plugins_app, name="plugins")
 console = Console()
 
 
+#: ``fedaqt run`` flags that set a workload option of the same name (they were RunConfig fields before)
+OPTION_SHORTCUTS = ("data_dir", "model_size", "real_eval", "real_eval_max", "partition", "alpha")
+
+
 def _fail(msg: str) -> None:
     console.print(f"[bold red]error:[/] {msg}")
     raise typer.Exit(code=2)
@@ -49,15 +53,15 @@ def run(
     num_cpus: Optional[int] = typer.Option(None, help="CPU cores given to Ray"),
     client_num_cpus: Optional[float] = typer.Option(None, help="CPU cores per simulated client"),
     eval_every: Optional[int] = typer.Option(None, help="evaluate every N rounds and the first and last (0 = workload default: asr 25, others 1)"),
-    data_dir: Optional[str] = typer.Option(None, help="dataset directory (LibriSpeech layout for asr)"),
-    model_size: Optional[str] = typer.Option(None, help="model size preset: tiny, small, large"),
-    real_eval: Optional[bool] = typer.Option(None, "--real-eval/--no-real-eval", help="also evaluate on real recorded speech (asr)"),
-    real_eval_max: Optional[int] = typer.Option(None, help="at most this many real-speech utterances"),
-    partition: Optional[str] = typer.Option(None, help="data partition: speaker, iid or dirichlet"),
-    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration for --partition dirichlet"),
+    data_dir: Optional[str] = typer.Option(None, help="workload option data_dir: dataset directory (LibriSpeech layout for asr)"),
+    model_size: Optional[str] = typer.Option(None, help="workload option model_size (asr): tiny, small, large"),
+    real_eval: Optional[bool] = typer.Option(None, "--real-eval/--no-real-eval", help="workload option real_eval (asr): also evaluate on real recorded speech"),
+    real_eval_max: Optional[int] = typer.Option(None, help="workload option real_eval_max (asr): at most this many real-speech utterances"),
+    partition: Optional[str] = typer.Option(None, help="workload option partition: speaker (asr), iid or dirichlet (wrapnet)"),
+    alpha: Optional[float] = typer.Option(None, help="workload option alpha: Dirichlet concentration for partition dirichlet"),
     ray_address: Optional[str] = typer.Option(None, help="attach to an existing Ray cluster (e.g. 127.0.0.1:6379)"),
     device_profile: Optional[str] = typer.Option(None, help="CSV of per-client memory budgets"),
-    option: list[str] = typer.Option([], "--option", "-o", help="workload/strategy option KEY=VALUE (repeatable)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="option KEY=VALUE (repeatable) of the core (round_timeout, max_nonfinite_rounds, profile_memory), the workload, strategy or algorithm: `fedaqt plugins show NAME`"),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete round (its config.json; only --num-cpus, --client-num-cpus, --ray-address may change)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Flower/Ray logs"),
 ) -> None:
@@ -66,9 +70,13 @@ def run(
     from fedaqt.launch.runner import run_experiment
 
     cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "resume", "verbose", "resolve_config", "resolve_resume_config", "run_experiment", "ConfigError")}
+    # --data-dir, --model-size, ... are shortcuts for workload options (-o wins when both are given)
+    shortcuts = {k: cli.pop(k) for k in OPTION_SHORTCUTS if cli.get(k) is not None}
+    for k in OPTION_SHORTCUTS:
+        cli.pop(k, None)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        opts: dict = {}
+        opts: dict = dict(shortcuts)
         for item in option:
             if "=" not in item:
                 raise ConfigError(f"--option {item!r} must be KEY=VALUE")
@@ -200,6 +208,40 @@ def plugins_list() -> None:
     for name in list_presets():
         table.add_row(name, "preset", "fedaqt", "named configuration (--preset)")
     console.print(table)
+
+
+@plugins_app.command("show")
+def plugins_show(name: str = typer.Argument(..., help="a workload, strategy or client algorithm name, or 'core'")) -> None:
+    """Show a plugin's kind, source package, description and its options (key, type, default, allowed, help).
+
+    A name registered as several kinds (fedavg is a strategy and a client algorithm) shows each. ``core`` shows
+    the options every run has. An unknown name exits with code 2 and lists the known names.
+    """
+    from fedaqt.options import CoreOptions, describe_options
+    from fedaqt.plugins import PluginLoadError, plugin_entries
+
+    try:
+        entries = plugin_entries(name)
+    except PluginLoadError as exc:
+        _fail(str(exc))
+    if name == "core":
+        entries = [("core", "fedaqt", "options of fedaqt's server and clients, whatever the plugins", CoreOptions), *entries]
+    if not entries:
+        from fedaqt.plugins import known_plugin_names
+
+        _fail(f"unknown plugin {name!r}; known names: core, {', '.join(known_plugin_names())}")
+    for kind, source, description, model in entries:
+        console.print(f"[bold]{name}[/] ({kind}, from {source}): {description}")
+        rows = describe_options(model)
+        if not rows:
+            console.print("  options: (none)\n")
+            continue
+        table = Table(title=f"{kind if kind == name else f'{kind} {name}'}: -o KEY=VALUE")
+        for c in ("key", "type", "default", "allowed", "help"):
+            table.add_column(c, overflow="fold")
+        for r in rows:
+            table.add_row(r.key, r.type, json.dumps(r.default, default=str), r.allowed, r.help)
+        Console(width=max(console.width, 160)).print(table)
 
 
 from fedaqt.launch.profile import profile_command  # noqa: E402  (kept light: imports lazily inside)

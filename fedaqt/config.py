@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -24,7 +25,6 @@ PRESET_DIR = Path(__file__).parent / "presets"
 ALLOWED_BITS = (32, 8, 4)
 ALLOWED_UPLINK_BITS = (32, 16, 8)
 ALLOWED_GRANULARITY = ("tensor", "channel")
-ALLOWED_PARTITIONS = ("iid", "dirichlet", "speaker")
 
 #: keys that ``fedaqt run --resume RUN_DIR`` lets the command line change: where and with how many cores the run
 #: executes. Every other key changes what is computed, so a resumed run refuses a different value for it.
@@ -34,48 +34,82 @@ RESUME_OVERRIDABLE = ("num_cpus", "client_num_cpus", "ray_address")
 MAX_SEED = 2**63 - 1
 
 
-def _positive_seconds(v: float) -> bool:
-    return v > 0 and math.isfinite(v)
-
-
-#: ``options`` keys that fedaqt's server, clients and built-in strategies read:
-#: key -> (kind, predicate on the number or None, what is allowed). Workload plugins read further keys.
-CORE_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "round_timeout": ("number", _positive_seconds, "a finite number of seconds > 0 (default 3600)"),
-    "profile_memory": ("bool", None, "true or false (default false)"),
-    "proximal_mu": ("number", lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0 (fedprox; default 0.01)"),
-    "tau": ("number", lambda v: v > 0 and math.isfinite(v), "a finite number > 0 (fedadam/fedyogi; default 1e-3)"),
-    "beta_1": ("number", lambda v: 0 <= v < 1, "a number in [0, 1) (fedadam/fedyogi)"),
-    "beta_2": ("number", lambda v: 0 <= v < 1, "a number in [0, 1) (fedadam/fedyogi)"),
+#: settings that were ``RunConfig`` fields before workload options were typed (ASR / partitioning settings) and
+#: their old defaults. A config file, preset or an old run's ``config.json`` holding them at top level is migrated
+#: into ``options`` (:func:`migrate_legacy`); ``fedaqt run --data-dir`` etc. remain as shortcuts that set the option.
+LEGACY_OPTION_KEYS: dict[str, Any] = {
+    "data_dir": "data/speech",
+    "model_size": "tiny",
+    "real_eval": True,
+    "real_eval_max": 120,
+    "partition": "speaker",
+    "alpha": 0.5,
 }
 
+log = logging.getLogger("fedaqt.config")
 
-def validate_core_options(options: dict[str, Any]) -> None:
-    """Check the :data:`CORE_OPTIONS` keys present in ``options`` (numbers may be numeric strings).
+
+def _workload_option_model(workload: str) -> Any:
+    """The ``Options`` model of ``workload`` or None when it cannot be loaded (the run's checks report that)."""
+    try:
+        from fedaqt.plugins import get_workload_class
+
+        return getattr(get_workload_class(workload), "Options", None)
+    except Exception:  # noqa: BLE001 - unknown/broken workloads are reported by validate()
+        return None
+
+
+def migrate_legacy(values: dict[str, Any], source: str = "config", workload: str | None = None) -> dict[str, Any]:
+    """Move the :data:`LEGACY_OPTION_KEYS` of a flat configuration mapping into its ``options`` table.
+
+    A key equal to its old default is dropped (the workload's option has the same default, so the run is the
+    same); another value becomes ``options[key]`` when the workload declares that option (an explicit
+    ``options`` entry wins) and is dropped otherwise (that workload ignored it before too). The move is logged
+    once at INFO. Mappings without legacy keys are returned unchanged (a copy).
+
+    Args:
+        values: flat mapping (``config.json``, a TOML table, keys with ``-`` or ``_``).
+        source: where it came from, for the log and errors.
+        workload: the workload the values are for (default: ``values["workload"]``, else ``"asr"``).
 
     Raises:
-        ConfigError: naming the key, its value and what is allowed.
+        ConfigError: a migrated value the workload's option refuses (naming the key, the value and ``source``).
     """
-    for key, (kind, ok, allowed) in CORE_OPTIONS.items():
-        if key not in options:
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    legacy = {k: values.pop(k) for k in list(values) if k in LEGACY_OPTION_KEYS}
+    if not legacy:
+        return values
+    name = str(workload or values.get("workload") or RunConfig.workload)
+    model = _workload_option_model(name)
+    declared = set(getattr(model, "model_fields", {}) or {}) if model is not None else set(legacy)
+    options = values.get("options", {})
+    options = dict(options) if isinstance(options, dict) else options
+    moved, dropped = {}, {}
+    for key, value in legacy.items():
+        default = LEGACY_OPTION_KEYS[key]
+        if value == default and type(value) is type(default):
             continue
-        value = options[key]
-        bad = ConfigError(f"option {key}={value!r} is not allowed; {key} must be {allowed}")
-        if kind == "bool":
-            if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _BOOL_WORDS):
-                continue
-            raise bad
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise bad
+        if key in declared:
+            moved[key] = value
+        else:
+            dropped[key] = value
+    if moved and not isinstance(options, dict):
+        raise ConfigError(f"options must be a table of KEY = VALUE, got {options!r} in {source}")
+    for key, value in moved.items():
+        options.setdefault(key, value)
+    if moved and model is not None:
+        from fedaqt.options import options_for
+
         try:
-            number = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise bad from None
-        if not ok(number):
-            raise bad
-
-
-_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+            options_for(model, moved, f"workload {name}")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (top-level key {next(iter(moved))!r} in {source})") from None
+    if moved or "options" in values:
+        values["options"] = options
+    log.info("%s: top-level key(s) %s are options of workload %s now; moved into options: %s%s", source,
+             ", ".join(legacy), name, moved or "none (old defaults)",
+             f"; ignored (workload {name} has no such option): {dropped}" if dropped else "")
+    return values
 
 
 class ConfigError(ValueError):
@@ -88,6 +122,11 @@ class RunConfig:
 
     Units: ``lr``/``server_lr`` are SGD step sizes; ``num_cpus`` counts CPU cores given to Ray;
     ``client_num_cpus`` cores per simulated client (concurrency = num_cpus / client_num_cpus).
+
+    ``options`` is the flat ``-o KEY=VALUE`` table; its keys are declared, typed and checked by the core, the
+    workload, the strategy and the client algorithm (:mod:`fedaqt.options`; ``fedaqt plugins show NAME``).
+    Dataset and model settings of one workload (ASR's ``data_dir``, ``model_size``, ``real_eval``, ...; the
+    image workloads' ``partition``/``alpha``) are that workload's options, not fields here.
     """
 
     workload: str = "asr"
@@ -110,12 +149,6 @@ class RunConfig:
     num_cpus: int = 2
     client_num_cpus: float = 1.0
     eval_every: int = 0  # 0 = the workload's default (Workload.default_eval_every)
-    data_dir: str = "data/speech"
-    model_size: str = "tiny"
-    real_eval: bool = True
-    real_eval_max: int = 120
-    partition: str = "speaker"
-    alpha: float = 0.5
     ray_address: str = ""
     device_profile: str = ""
     options: dict[str, Any] = field(default_factory=dict)
@@ -129,7 +162,7 @@ class RunConfig:
     def from_mapping(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
         """Build from a flat mapping; unknown keys raise ConfigError naming them and the ``source``."""
         known = set(cls.field_names())
-        unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+        unknown = sorted(k for k in values if k.replace("-", "_") not in known | set(LEGACY_OPTION_KEYS))
         if unknown:
             raise ConfigError(
                 f"unknown key(s) {unknown} in {source}; allowed keys: {', '.join(sorted(known))}"
@@ -146,6 +179,13 @@ class RunConfig:
         types = {f.name: f.type for f in fields(self)}
         current = dataclasses.asdict(self)
         where = f" in {source}" if source else ""
+        legacy = {k: v for k, v in values.items() if k in LEGACY_OPTION_KEYS and v is not None}
+        if legacy:  # settings that are workload options now (old config.json, preset, file)
+            values = {k: v for k, v in values.items() if k not in LEGACY_OPTION_KEYS}
+            base = values.get("options") if values.get("options") is not None else self.options
+            moved = migrate_legacy({**legacy, "options": base}, source=source or "config",
+                                   workload=values.get("workload") or self.workload)
+            values["options"] = moved["options"]
         for key, value in values.items():
             if value is None:
                 continue
@@ -174,7 +214,6 @@ class RunConfig:
         _choice("bits", self.bits, ALLOWED_BITS)
         _choice("uplink_bits", self.uplink_bits, ALLOWED_UPLINK_BITS)
         _choice("granularity", self.granularity, ALLOWED_GRANULARITY)
-        _choice("partition", self.partition, ALLOWED_PARTITIONS)
         if known_workloads is not None:
             _choice("workload", self.workload, tuple(known_workloads))
         if known_strategies is not None:
@@ -185,16 +224,13 @@ class RunConfig:
             raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a table of KEY = VALUE, got {self.options!r}")
-        validate_core_options(self.options)
         _check_out(self.out)
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0 (0 = the workload's default), got {self.eval_every!r}")
         for key in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size", "num_cpus"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
-        if self.real_eval_max <= 0:
-            raise ConfigError(f"real_eval_max must be a positive integer, got {self.real_eval_max!r}")
-        for key in ("lr", "server_lr", "client_num_cpus", "alpha"):
+        for key in ("lr", "server_lr", "client_num_cpus"):
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
@@ -212,6 +248,9 @@ class RunConfig:
             raise ConfigError(
                 f"client_num_cpus={self.client_num_cpus} exceeds num_cpus={self.num_cpus}: no client could be scheduled"
             )
+        from fedaqt.options import check_options
+
+        check_options(self)  # every -o key declared by core/workload/strategy/algorithm, every value in range
         return self
 
 
@@ -333,8 +372,9 @@ def resolve_config(preset: str | None, config_file: str | None, cli: dict[str, A
     if config_file:
         layers.append((str(config_file), load_config_file(config_file)))
     for source, values in layers:
+        # top-level settings that are workload options now move into this layer's options (logged once)
+        values = migrate_legacy(values, source=source, workload=values.get("workload") or cfg.workload)
         RunConfig.from_mapping(values, source=source)  # unknown keys / types, naming this source
-        values = {k.replace("-", "_"): v for k, v in values.items()}
         if "options" in values and isinstance(values["options"], dict):
             values["options"] = {**cfg.options, **values["options"]}
         cfg = cfg.override(values, source=source)

@@ -226,3 +226,40 @@ def list_plugins() -> list[PluginInfo]:
 
 def _first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0].strip() if (text or "").strip() else ""
+
+
+def known_plugin_names() -> list[str]:
+    """Every registered workload, strategy and client algorithm name (sorted, each once)."""
+    names = set(workload_names()) | set(strategy_names())
+    alg_names = globals().get("algorithm_names")
+    if callable(alg_names):
+        names |= set(alg_names())
+    return sorted(names)
+
+
+def plugin_entries(name: str) -> list[tuple[str, str, str, Any]]:
+    """``[(kind, source package, description, Options model), ...]`` of every kind registered as ``name``
+    (workload, strategy, algorithm; e.g. ``fedavg`` is a strategy and a client algorithm); [] when none.
+
+    Raises:
+        PluginLoadError: ``name`` is registered but fails to load or is ambiguous.
+    """
+    from fedaqt.options import NoOptions
+
+    out: list[tuple[str, str, str, Any]] = []
+    if name in workload_names():
+        cls = get_workload_class(name)
+        out.append(("workload", _source(WORKLOAD_GROUP, name),
+                    _first_line(getattr(cls, "description", "") or cls.__doc__), getattr(cls, "Options", NoOptions)))
+    if name in strategy_names():
+        sp = get_strategy_plugin(name)
+        out.append(("strategy", _source(STRATEGY_GROUP, name), _first_line(sp.description),
+                    getattr(sp, "Options", NoOptions)))
+    get_alg = globals().get("get_algorithm_class")
+    alg_names = globals().get("algorithm_names")
+    if callable(get_alg) and callable(alg_names) and name in alg_names():
+        cls = get_alg(name)
+        group = globals().get("ALGORITHM_GROUP", "fedaqt.algorithms")
+        out.append(("algorithm", _source(group, name),
+                    _first_line(getattr(cls, "description", "") or cls.__doc__), getattr(cls, "Options", NoOptions)))
+    return out

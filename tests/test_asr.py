@@ -108,6 +108,6 @@ def test_broadcast_bytes_ratio_int8_int4():
 def test_missing_data_dir_says_how_to_build(tmp_path):
     from fedaqt.workloads.asr import ASRWorkload
 
-    w = ASRWorkload(RunConfig(data_dir=str(tmp_path / "nope")))
+    w = ASRWorkload(RunConfig(options={"data_dir": str(tmp_path / "nope")}))
     with pytest.raises(FileNotFoundError, match="fedaqt data speech"):
         w.prepare()

@@ -40,7 +40,8 @@ def test_defaults_preset_file_cli_precedence(tmp_path):
     assert cfg.rounds == 7 and cfg.bits == 4  # the file overrides the preset
     assert cfg.seed == 11  # CLI overrides the file; None = flag not given
     assert cfg.lr == RunConfig().lr  # default
-    assert cfg.options == {"eval_max": 4, "dropout": 0.0}  # options tables merge key by key
+    # options tables merge key by key (the smoke preset sets eval_max 8, model_size, real_eval; the file wins)
+    assert cfg.options == {"eval_max": 4, "dropout": 0.0, "model_size": "tiny", "real_eval": False}
 
 
 def test_run_table_and_dashes(tmp_path):
@@ -100,8 +101,8 @@ def test_unknown_keys_and_wrong_types_name_the_key_and_file(tmp_path, text, key)
 def test_bad_values_name_the_key(values, key):
     from fedaqt.plugins import get_algorithm_class
 
-    cfg = RunConfig().override(values)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError) as e:  # a migrated top-level option (partition) is checked as it moves
+        cfg = RunConfig().override(values)
         cfg.validate(known_workloads=["asr", "wrapnet"], known_strategies=["fedsgd", "fedavg"],
                      known_algorithms=["fedsgd", "fedavg"])
         get_algorithm_class(cfg.algorithm).validate(cfg)  # what the algorithm requires (FedSGD: local_steps=1)
@@ -146,9 +147,14 @@ def _run_params():
 
 
 def test_every_config_key_is_a_cli_option_and_vice_versa():
+    from fedaqt.cli import OPTION_SHORTCUTS
+    from fedaqt.config import LEGACY_OPTION_KEYS
+
     params = _run_params() - {"preset", "config", "option", "resume", "verbose"}
     fields = set(RunConfig.field_names()) - {"options"}
-    assert params == fields
+    # the former ASR/partition fields stay as flags that set the workload option of the same name
+    assert set(OPTION_SHORTCUTS) == set(LEGACY_OPTION_KEYS) and not set(OPTION_SHORTCUTS) & fields
+    assert params == fields | set(OPTION_SHORTCUTS)
 
 
 def test_cli_bad_file_fails_before_ray(tmp_path):

@@ -262,13 +262,15 @@ def test_nonfinite_global_model_is_refused_and_run_stops_after_n(tmp_path, monke
 
 
 def test_round_options_are_validated_in_preflight(toy_registered):
-    from fedaqt.launch.runner import validate_round_options
+    from fedaqt.launch.runner import preflight
 
     for key, bad in (("round_timeout", 0), ("round_timeout", "soon"), ("round_timeout", float("inf")),
                      ("max_nonfinite_rounds", 0), ("max_nonfinite_rounds", 1.5), ("max_nonfinite_rounds", True)):
-        with pytest.raises(ConfigError, match=f"options.{key}="):
-            validate_round_options(RunConfig(options={key: bad}))
-    validate_round_options(RunConfig(options={"round_timeout": 2.5, "max_nonfinite_rounds": 1}))
+        with pytest.raises(ConfigError, match=f"option {key}=.* \\(core\\) is not allowed"):
+            preflight(RunConfig(workload="toy", strategy="fedavgm", algorithm="fedavg", num_clients=6,
+                                clients_per_round=3, options={key: bad}))
+    preflight(RunConfig(workload="toy", strategy="fedavgm", algorithm="fedavg", num_clients=6, clients_per_round=3,
+                        options={"round_timeout": 2.5, "max_nonfinite_rounds": 1}))
 
 
 # ---------------------------------------------------------------------------------------------- item 14

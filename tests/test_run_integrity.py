@@ -161,11 +161,11 @@ def _files(out: Path) -> dict[str, bytes]:
     [
         (["--seed", "-1"], "seed must be an integer in [0, 2**63 - 1], got -1"),
         (["--seed", str(2**64)], "seed must be an integer in [0, 2**63 - 1]"),
-        (["-o", "round_timeout=abc"], "option round_timeout='abc' is not allowed; round_timeout must be a finite number of seconds > 0"),
-        (["-o", "round_timeout=0"], "option round_timeout=0 is not allowed"),
-        (["-o", "round_timeout=-1"], "option round_timeout=-1 is not allowed"),
-        (["-o", "profile_memory=maybe"], "option profile_memory='maybe' is not allowed; profile_memory must be true or false"),
-        (["--strategy", "fedadam", "-o", "beta_1=1.5"], "option beta_1=1.5 is not allowed"),
+        (["-o", "round_timeout=abc"], "option round_timeout='abc' (core) is not allowed: must be a finite number > 0"),
+        (["-o", "round_timeout=0"], "option round_timeout=0 (core) is not allowed"),
+        (["-o", "round_timeout=-1"], "option round_timeout=-1 (core) is not allowed"),
+        (["-o", "profile_memory=maybe"], "option profile_memory='maybe' (core) is not allowed: must be true or false"),
+        (["--strategy", "fedadam", "-o", "beta_1=1.5"], "option beta_1=1.5 (strategy fedadam) is not allowed: must be a finite number >= 0 and < 1"),
     ],
 )
 def test_bad_values_fail_in_preflight_naming_the_key_and_keep_the_old_run(tmp_path, args, needle, monkeypatch):

@@ -32,7 +32,7 @@ def test_two_round_three_client_ray_simulation(tmp_path, speech_dir):
     out = tmp_path / "run"
     cfg = RunConfig(
         num_clients=3, clients_per_round=3, rounds=2, batch_size=2, bits=4, eval_every=1, out=str(out),
-        data_dir=str(speech_dir), real_eval=False, options={"eval_max": 4},
+        options={"eval_max": 4, "data_dir": str(speech_dir), "real_eval": False},
     )
     summary = run_experiment(cfg)
     rounds = pd.read_csv(out / "rounds.csv")

@@ -452,8 +452,9 @@ def test_wrapnet_workload_round_trip():
     from fedaqt.config import RunConfig
     from fedaqt.workloads.wrapnet import WrapNetWorkload
 
-    cfg = RunConfig(workload="wrapnet", num_clients=4, clients_per_round=2, partition="dirichlet", alpha=0.5,
-                    seed=3, options={"eval_size": 200, "train_size": 2000, "calib_size": 64, "width": 0.0625})
+    cfg = RunConfig(workload="wrapnet", num_clients=4, clients_per_round=2, seed=3,
+                    options={"eval_size": 200, "train_size": 2000, "calib_size": 64, "width": 0.0625,
+                             "partition": "dirichlet", "alpha": 0.5})
     wl = WrapNetWorkload(cfg)
     assert list(wl.eval_columns[:3]) == ["eval_accuracy", "eval_accuracy_acc8", "overflow_rate"]
     assert "overflow_rate_conv2" in wl.eval_columns
@@ -477,7 +478,7 @@ def test_wrapnet_workload_round_trip():
     assert folded32 == metrics["eval_accuracy_acc8"]
     assert "eval_accuracy_acc8_nocyclic" in metrics
     assert wl.quantize_filter("conv2", m1.conv2) is False
-    with pytest.raises(ValueError, match="options.k"):
+    with pytest.raises(ValueError, match="option k=0"):
         WrapNetWorkload(RunConfig(options={"k": 0}))
 
 

@@ -7,11 +7,57 @@ so the two standard splits are implemented here on plain index arrays.
 
 Both functions return a list with one sorted int64 index array per client; the arrays are disjoint, cover every
 example, every client is non-empty, and the result is a deterministic function of the arguments (``seed``).
+
+Shared facility: a workload that splits a labelled dataset across clients declares its options as (a subclass of)
+:class:`PartitionOptions` (``-o partition=iid|dirichlet``, ``-o alpha=...``; ``--partition``/``--alpha`` are
+shortcuts) and calls :func:`partition_indices`. The ASR workload partitions by speaker instead and declares its
+own ``partition`` option allowing only ``"speaker"``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
+from pydantic import Field
+
+from fedaqt.options import BaseOptions
+
+#: partition schemes :func:`partition_indices` implements
+PARTITIONS = ("iid", "dirichlet")
+
+
+class PartitionOptions(BaseOptions):
+    """How a labelled dataset is split across clients (options of image workloads)."""
+
+    partition: Literal["iid", "dirichlet"] = Field(
+        "iid", description="client data split: iid, or dirichlet (label skew, concentration alpha)"
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for partition=dirichlet (small = skewed)")
+
+
+def partition_indices(options: PartitionOptions, labels, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Split ``range(len(labels))`` across ``num_clients`` clients as ``options`` says.
+
+    Args:
+        options: ``partition`` ("iid": :func:`iid_partition`; "dirichlet": :func:`dirichlet_partition` with
+            ``alpha``).
+        labels: integer class labels ``[N]`` (numpy array, list or torch tensor; only its length is used for iid).
+        num_clients: number of clients.
+        seed: RNG seed (the same arguments give the same split).
+
+    Returns:
+        ``num_clients`` sorted int64 index arrays, disjoint, covering ``range(N)``.
+
+    Raises:
+        ValueError: an unknown ``partition``, or the counts/alpha the two functions refuse.
+    """
+    if options.partition == "dirichlet":
+        y = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels).reshape(-1)
+        return dirichlet_partition(y, num_clients, options.alpha, seed)
+    if options.partition == "iid":
+        return iid_partition(len(labels), num_clients, seed)
+    raise ValueError(f"partition={options.partition!r} is not allowed; choose one of: {', '.join(PARTITIONS)}")
 
 
 def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import typer
 
@@ -148,7 +148,7 @@ def profile_one(spec: dict[str, Any]) -> dict[str, Any]:
     row.update({
         "rss_peak_mib": float(m["rss_peak_mib"]),
         "upload_mib": float(m["upload_bytes"]) / 2**20,
-        "model_size": cfg.model_size,
+        "model_size": str(cfg.options.get("model_size", "")),
         "batch_size": cfg.batch_size,
         "num_parameters": num_parameters,
         "train_loss": float(m["train_loss"]),
@@ -189,10 +189,10 @@ def profile_command(
     algorithm: str = typer.Option("fedsgd", help="client algorithms, comma separated: fedsgd, fedavg"),
     checkpointing: str = typer.Option("on", help="gradient checkpointing, comma separated: on, off"),
     batch_size: int = typer.Option(2, help="client batch size (the dissertation used 2)"),
-    model_size: str = typer.Option("large", help="model size preset (asr: tiny, small, large ~36.5M parameters)"),
+    model_size: Optional[str] = typer.Option(None, help="workload option model_size (asr: tiny, small, large ~36.5M parameters; default large for a workload that has the option)"),
     local_steps: int = typer.Option(1, help="FedAvg local steps"),
     granularity: str = typer.Option("tensor", help="scale granularity: tensor or channel"),
-    data_dir: str = typer.Option("data/speech", help="dataset directory"),
+    data_dir: Optional[str] = typer.Option(None, help="workload option data_dir: dataset directory (default: the workload's)"),
     seed: int = typer.Option(0, help="seed"),
     threads: int = typer.Option(1, help="torch threads per profiled round"),
     out: str = typer.Option("runs/profile", help="output directory for memory.csv and memory.png"),
@@ -225,14 +225,23 @@ def profile_command(
             options[k] = json.loads(v)
         except json.JSONDecodeError:
             options[k] = v
-    base = RunConfig(workload=workload, batch_size=batch_size, model_size=model_size, local_steps=local_steps,
-                     granularity=granularity, data_dir=data_dir, seed=seed, options=options,
-                     out=str(out))
     try:
-        base.override({"algorithm": "fedavg" if local_steps > 1 else "fedsgd",
-                       "local_steps": local_steps if local_steps > 1 else 1}).validate(known_workloads=workload_names())
         from fedaqt.plugins import get_workload_class
 
+        if workload in workload_names():
+            declared = getattr(get_workload_class(workload), "Options", None)
+            declared = set(getattr(declared, "model_fields", {}) or {})
+            # --model-size / --data-dir are the workload's options; profiling defaults to the large model
+            if model_size is None and "model_size" in declared and "model_size" not in options:
+                model_size = "large"
+        for key, value in (("model_size", model_size), ("data_dir", data_dir)):
+            if value is not None:
+                options.setdefault(key, value)
+        base = RunConfig(workload=workload, batch_size=batch_size, local_steps=local_steps,
+                         granularity=granularity, seed=seed, options=options, out=str(out))
+        # every option checked by its owner's typed model (model_size, data_dir, ... by the workload's Options)
+        base.override({"algorithm": "fedavg" if local_steps > 1 else "fedsgd",
+                       "local_steps": local_steps if local_steps > 1 else 1}).validate(known_workloads=workload_names())
         # through the workload itself (no per-workload special case): its data are present and its model builds
         # with these settings (e.g. ASR's model_size), here, before any process starts
         probe = get_workload_class(workload)(base)
@@ -247,6 +256,7 @@ def profile_command(
          "local_steps": local_steps if a == "fedavg" else 1}
         for b, u, a, c in itertools.product(bits_l, up_l, alg_l, ck_l)
     ]
+    model_size = str(options.get("model_size", "")) or "-"
     console.print(f"[bold]fedaqt profile[/] workload={workload} model_size={model_size} batch_size={batch_size}: "
                   f"{len(combos)} client rounds, each in a fresh process")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -53,7 +52,6 @@ def preflight(config: RunConfig) -> RunConfig:
             f"{config.algorithm!r} uploads a {algorithm.upload!r}"
         )
     algorithm.validate(config)  # ConfigError naming the key (e.g. FedSGD with local_steps != 1, a bad -o value)
-    validate_round_options(config)
     if config.device_profile:
         from fedaqt.server.budgets import validate_device_profile
 
@@ -76,27 +74,6 @@ def preflight(config: RunConfig) -> RunConfig:
             raise
         raise ConfigError(f"invalid configuration for workload {config.workload!r} / strategy {config.strategy!r}: {exc}") from exc
     return config
-
-
-def validate_round_options(config: RunConfig) -> None:
-    """Check the fault-handling options (``-o KEY=VALUE``): ``round_timeout`` (seconds the server waits for a
-    round's replies, a finite number > 0) and ``max_nonfinite_rounds`` (rounds whose aggregated model may be
-    non-finite before the run stops, an integer >= 1).
-
-    Raises:
-        ConfigError: naming the key and the bad value.
-    """
-    opts = config.options
-    if "round_timeout" in opts:
-        v = opts["round_timeout"]
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
-        if not ok:
-            raise ConfigError(f"options.round_timeout={v!r} must be a finite number of seconds > 0")
-    if "max_nonfinite_rounds" in opts:
-        v = opts["max_nonfinite_rounds"]
-        ok = not isinstance(v, bool) and isinstance(v, int) and v >= 1
-        if not ok:
-            raise ConfigError(f"options.max_nonfinite_rounds={v!r} must be an integer >= 1")
 
 
 def check_ray_address(address: str, timeout: float = 3.0) -> None:

@@ -52,7 +52,8 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedaqt import protocol
-from fedaqt.config import RESUME_OVERRIDABLE, RunConfig
+from fedaqt.config import RESUME_OVERRIDABLE, RunConfig, migrate_legacy
+from fedaqt.options import CoreOptions, core_options
 from fedaqt.plugins import get_algorithm_class, get_strategy_plugin, get_workload_class
 from fedaqt.protocol import BROADCAST_KEY, METRICS_KEY, NUM_EXAMPLES, QUANT_META_KEY, BroadcastSpec, ClientRow
 from fedaqt.quant.convert import quantized_weight_keys
@@ -65,10 +66,10 @@ log = logging.getLogger("fedaqt.server")
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
 
-#: ``options.round_timeout``: seconds the server waits for a round's replies
-DEFAULT_ROUND_TIMEOUT = 3600.0
+#: ``options.round_timeout``: seconds the server waits for a round's replies (declared in fedaqt.options.CoreOptions)
+DEFAULT_ROUND_TIMEOUT = CoreOptions.model_fields["round_timeout"].default
 #: ``options.max_nonfinite_rounds``: rounds with a non-finite aggregated model before the run stops
-DEFAULT_MAX_NONFINITE_ROUNDS = 3
+DEFAULT_MAX_NONFINITE_ROUNDS = CoreOptions.model_fields["max_nonfinite_rounds"].default
 
 
 class RunAborted(RuntimeError):
@@ -195,8 +196,12 @@ def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
 
 
 def semantic_config(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
-    """The configuration keys that determine the computation (all but where/how it runs)."""
-    d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    """The configuration keys that determine the computation (all but where/how it runs).
+
+    A mapping from a checkpoint written before the ASR/partition settings became workload options is migrated
+    first (:func:`fedaqt.config.migrate_legacy`), as ``fedaqt run --resume`` migrates the run's ``config.json``.
+    """
+    d = config.to_dict() if isinstance(config, RunConfig) else migrate_legacy(dict(config), source="checkpoint")
     return {k: v for k, v in d.items() if k not in RESUME_OVERRIDABLE and k != "out"}
 
 
@@ -490,8 +495,8 @@ class Server:
                 server-side evaluation failed; every round before is checkpointed and the message says how to resume.
         """
         cfg = self.config
-        timeout = float(cfg.options.get("round_timeout", DEFAULT_ROUND_TIMEOUT))
-        max_bad = int(cfg.options.get("max_nonfinite_rounds", DEFAULT_MAX_NONFINITE_ROUNDS))
+        core = core_options(cfg)  # typed, validated in preflight
+        timeout, max_bad = core.round_timeout, core.max_nonfinite_rounds
         train_config = protocol.train_config(cfg.to_dict())
         for rnd in range(self.start_round, cfg.rounds + 1):
             t0 = time.perf_counter()

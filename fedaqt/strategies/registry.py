@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from pydantic import Field
 
 from fedaqt.config import RunConfig
 from fedaqt.protocol import BroadcastSpec
+from fedaqt.options import BaseOptions, NoOptions, options_for
 from fedaqt.strategies.quantized import QuantizedMixin
 from fedaqt.strategies.relay import GradientRelayMixin
 
@@ -86,13 +88,30 @@ def _fedavgm(cfg: RunConfig, spec: BroadcastSpec) -> QuantizedFedAvgM:
                             server_momentum=cfg.server_momentum)
 
 
-def _fedopt_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """Flower FedOpt hyper-parameters: eta = server_lr, eta_l = lr; beta_1/beta_2/tau from ``options``."""
-    kw: dict[str, Any] = {"eta": cfg.server_lr, "eta_l": cfg.lr, "tau": float(cfg.options.get("tau", 1e-3))}
-    for key in ("beta_1", "beta_2"):
-        if key in cfg.options:
-            kw[key] = float(cfg.options[key])
-    return kw
+class FedProxOptions(BaseOptions):
+    """Options of the fedprox strategy."""
+
+    proximal_mu: float = Field(0.01, ge=0, description="weight mu of the clients' proximal term mu/2 ||w - W||^2")
+
+
+class FedOptOptions(BaseOptions):
+    """Options of the fedadam / fedyogi strategies (Flower's FedOpt; eta = --server-lr, eta_l = --lr)."""
+
+    tau: float = Field(1e-3, gt=0, description="adaptivity tau of the server optimizer (Flower default 1e-3)")
+    beta_1: float = Field(0.9, ge=0, lt=1, description="first-moment decay of the server optimizer")
+    beta_2: float = Field(0.99, ge=0, lt=1, description="second-moment decay of the server optimizer")
+
+
+def _fedopt_kwargs(cfg: RunConfig, name: str = "fedadam") -> dict[str, Any]:
+    """Flower FedOpt hyper-parameters: eta = server_lr, eta_l = lr; beta_1/beta_2/tau from the typed options
+    (:class:`FedOptOptions`; defaults are Flower's FedAdam/FedYogi defaults)."""
+    o = options_for(FedOptOptions, cfg.options, f"strategy {name}")
+    return {"eta": cfg.server_lr, "eta_l": cfg.lr, "tau": o.tau, "beta_1": o.beta_1, "beta_2": o.beta_2}
+
+
+def _fedprox(cfg: RunConfig, spec: BroadcastSpec) -> "QuantizedFedProx":
+    mu = options_for(FedProxOptions, cfg.options, "strategy fedprox").proximal_mu
+    return QuantizedFedProx(**base_kwargs(cfg, spec), proximal_mu=mu)
 
 
 #: update kinds a strategy may need (``StrategyPlugin.upload``); "" accepts either
@@ -110,7 +129,7 @@ class StrategyPlugin:
         upload: the client update the strategy needs: "gradient" (FedSGD family), "delta" (FedAvg family) or ""
             (either).
         description: one line for ``fedaqt plugins list``.
-        Options: the strategy's typed options (a pydantic model with ``extra="forbid"``), None when it has none.
+        Options: the strategy's typed options (a pydantic model with ``extra="forbid"``, :mod:`fedaqt.options`); ``NoOptions`` when it has none.
 
     Raises:
         ValueError: ``upload`` is not one of :data:`UPLOADS`.
@@ -119,7 +138,7 @@ class StrategyPlugin:
     factory: Callable[[RunConfig, BroadcastSpec], Any]
     upload: str
     description: str
-    Options: Any = None
+    Options: type = NoOptions
 
     def __post_init__(self) -> None:
         if self.upload not in UPLOADS:
@@ -141,19 +160,22 @@ BUILTIN_STRATEGIES: dict[str, StrategyPlugin] = {
         "gradient relay: FedSGD + server-side scale-gradient correction = centralized QAT (spec §2.3)",
     ),
     "fedprox": StrategyPlugin(
-        lambda cfg, spec: QuantizedFedProx(**base_kwargs(cfg, spec), proximal_mu=float(cfg.options.get("proximal_mu", 0.01))),
+        _fedprox,
         "delta",
         "FedProx (Li et al. 2020): proximal term on clients (options.proximal_mu), Flower FedProx server",
+        FedProxOptions,
     ),
     "fedadam": StrategyPlugin(
-        lambda cfg, spec: QuantizedFedAdam(**base_kwargs(cfg, spec), **_fedopt_kwargs(cfg)),
+        lambda cfg, spec: QuantizedFedAdam(**base_kwargs(cfg, spec), **_fedopt_kwargs(cfg, "fedadam")),
         "",
         "FedAdam (Reddi et al. 2021), Flower FedAdam server optimizer (eta = --server-lr)",
+        FedOptOptions,
     ),
     "fedyogi": StrategyPlugin(
-        lambda cfg, spec: QuantizedFedYogi(**base_kwargs(cfg, spec), **_fedopt_kwargs(cfg)),
+        lambda cfg, spec: QuantizedFedYogi(**base_kwargs(cfg, spec), **_fedopt_kwargs(cfg, "fedyogi")),
         "",
         "FedYogi (Reddi et al. 2021), Flower FedYogi server optimizer (eta = --server-lr)",
+        FedOptOptions,
     ),
 }
 
@@ -198,7 +220,7 @@ def plugin_from_class(cls: type) -> StrategyPlugin:
 
     text = str(getattr(cls, "description", "") or cls.__doc__ or "").strip()
     return StrategyPlugin(factory, _upload_of(cls), text.splitlines()[0].strip() if text else cls.__name__,
-                          getattr(cls, "Options", None))
+                          getattr(cls, "Options", NoOptions))
 
 
 def as_strategy_plugin(obj: Any) -> StrategyPlugin:
@@ -215,7 +237,7 @@ def as_strategy_plugin(obj: Any) -> StrategyPlugin:
         return plugin_from_class(obj)
     if callable(getattr(obj, "factory", None)) and (hasattr(obj, "upload") or hasattr(obj, "algorithm")) \
             and hasattr(obj, "description"):
-        return StrategyPlugin(obj.factory, _upload_of(obj), str(obj.description), getattr(obj, "Options", None))
+        return StrategyPlugin(obj.factory, _upload_of(obj), str(obj.description), getattr(obj, "Options", NoOptions))
     raise TypeError(f"{obj!r} is neither a StrategyPlugin nor a QuantizedMixin strategy class")
 
 

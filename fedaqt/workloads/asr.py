@@ -1,6 +1,6 @@
 """ASR workload: quantized Conformer CTC on a LibriSpeech-layout corpus, one speaker per client (spec §2).
 
-Data: ``config.data_dir`` in LibriSpeech layout with a ``train`` subset (client speakers) and a ``dev`` subset
+Options: :class:`ASROptions` (``fedaqt plugins show asr``). Data: ``options.data_dir`` in LibriSpeech layout with a ``train`` subset (client speakers) and a ``dev`` subset
 (held-out speakers for evaluation). ``fedaqt data speech --out DIR`` builds the default synthesized corpus; a
 real LibriSpeech download works with ``options.train_subset`` / ``options.eval_subset`` (e.g. ``train-clean-100``,
 ``dev-clean``). The server also reports WER/CER on real recorded speech (the asterisk prompts) when installed.
@@ -11,18 +11,20 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jiwer
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio
+from pydantic import Field
 from torch import nn
 
 from fedaqt.config import RunConfig
 from fedaqt.data.speech import CHARSET, Utterance, load_audio, normalize_transcript, scan_librispeech
-from fedaqt.models.conformer_asr import ConformerCTC, is_encoder_matrix
+from fedaqt.models.conformer_asr import SIZES, ConformerCTC, is_encoder_matrix
+from fedaqt.options import BaseOptions
 from fedaqt.workloads.base import Workload
 
 log = logging.getLogger("fedaqt.asr")
@@ -101,6 +103,23 @@ def _scan(root: str, subset: str) -> dict[str, list[Utterance]]:
     return scan_librispeech(root, subset)
 
 
+class ASROptions(BaseOptions):
+    """Options of the ASR workload (``-o KEY=VALUE``; ``--data-dir``, ``--model-size``, ``--real-eval``,
+    ``--real-eval-max``, ``--partition`` are shortcuts for the first five)."""
+
+    data_dir: str = Field("data/speech", min_length=1, description="speech corpus directory (LibriSpeech layout)")
+    model_size: Literal[tuple(SIZES)] = Field("tiny", description="Conformer size preset")  # type: ignore[valid-type]
+    real_eval: bool = Field(True, description="also evaluate WER/CER on real recorded speech (asterisk prompts)")
+    real_eval_max: int = Field(120, ge=1, description="at most this many real-speech utterances")
+    partition: Literal["speaker"] = Field("speaker", description="client data: the training speakers, dealt round-robin")
+    train_subset: str = Field("train", min_length=1, description="LibriSpeech subset of the client speakers")
+    eval_subset: str = Field("dev", min_length=1, description="LibriSpeech subset of the held-out evaluation speakers")
+    eval_max: int = Field(64, ge=1, description="evaluation utterances (the same number from every held-out speaker)")
+    speaker_offset: int = Field(0, ge=0, description="clients use the sorted training speakers from this index on")
+    init_checkpoint: str = Field("", description="float state_dict (torch.save) to start from ('' = random init)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout probability of the Conformer")
+
+
 class ASRWorkload(Workload):
     """Quantized Conformer CTC ASR; clients are training speakers, evaluation on held-out speakers."""
 
@@ -109,16 +128,19 @@ class ASRWorkload(Workload):
     eval_columns = ("eval_loss", "eval_wer", "eval_cer", "real_wer", "real_cer")
     default_eval_every = 25  # decoding ~180 utterances costs several rounds of training on 2 cores
 
+    Options = ASROptions
+
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
-        opts = config.options
-        self.train_subset = str(opts.get("train_subset", "train"))
-        self.eval_subset = str(opts.get("eval_subset", "dev"))
-        self.eval_max = int(opts.get("eval_max", 64))
+        o = self.options
+        self.data_dir: str = o.data_dir
+        self.train_subset = o.train_subset
+        self.eval_subset = o.eval_subset
+        self.eval_max = o.eval_max
         # clients use the sorted training speakers from ``speaker_offset`` on (e.g. the second half for fine-tuning)
-        self.speaker_offset = int(opts.get("speaker_offset", 0))
+        self.speaker_offset = o.speaker_offset
         # a float state_dict (``torch.save``) to start from, e.g. a centrally pretrained model
-        self.init_checkpoint = str(opts.get("init_checkpoint", ""))
+        self.init_checkpoint = o.init_checkpoint
         self.featurizer = LogMel()
         self._feature_cache: dict[str, torch.Tensor] = {}
         self._real_eval: list[tuple[torch.Tensor, list[int], str]] | None = None
@@ -126,10 +148,10 @@ class ASRWorkload(Workload):
     # ------------------------------------------------------------------ data
     @property
     def speakers(self) -> dict[str, list[Utterance]]:
-        return _scan(str(Path(self.config.data_dir).resolve()), self.train_subset)
+        return _scan(str(Path(self.data_dir).resolve()), self.train_subset)
 
     def prepare(self) -> None:
-        root = Path(self.config.data_dir)
+        root = Path(self.data_dir)
         for subset in (self.train_subset, self.eval_subset):
             if not (root / subset).is_dir():
                 raise FileNotFoundError(
@@ -210,8 +232,7 @@ class ASRWorkload(Workload):
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.config.seed)
-        dropout = float(self.config.options.get("dropout", 0.1))
-        model = ConformerCTC(N_MELS, len(VOCAB), size=self.config.model_size, dropout=dropout)
+        model = ConformerCTC(N_MELS, len(VOCAB), size=self.options.model_size, dropout=self.options.dropout)
         if self.init_checkpoint:
             model.load_state_dict(torch.load(self.init_checkpoint, map_location="cpu", weights_only=True))
         return model
@@ -234,7 +255,7 @@ class ASRWorkload(Workload):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_items(self) -> list[tuple[torch.Tensor, list[int], str]]:
-        by_speaker = _scan(str(Path(self.config.data_dir).resolve()), self.eval_subset)
+        by_speaker = _scan(str(Path(self.data_dir).resolve()), self.eval_subset)
         per = max(1, self.eval_max // max(1, len(by_speaker)))  # the same number from every held-out speaker
         utts = [u for s in sorted(by_speaker) for u in by_speaker[s][:per]]
         return [(self._features(u), encode_text(u.transcript), u.transcript) for u in utts]
@@ -247,7 +268,7 @@ class ASRWorkload(Workload):
                 log.warning("asterisk prompts not installed; real_wer/real_cer are not reported")
                 self._real_eval = []
             else:
-                data = load_asterisk_eval(target_sr=SAMPLE_RATE, max_utterances=self.config.real_eval_max)
+                data = load_asterisk_eval(target_sr=SAMPLE_RATE, max_utterances=self.options.real_eval_max)
                 self._real_eval = [(self.featurizer(w), encode_text(t), t) for _, w, t in data]
         return self._real_eval
 
@@ -269,7 +290,7 @@ class ASRWorkload(Workload):
         loss, refs, hyps = self.decode_items(model, self._eval_items())
         wer, cer = wer_cer(refs, hyps)
         out = {"eval_loss": loss, "eval_wer": wer, "eval_cer": cer}
-        if self.config.real_eval:
+        if self.options.real_eval:
             items = self._real_items()
             if items:
                 _, refs, hyps = self.decode_items(model, items)

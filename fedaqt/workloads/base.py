@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedaqt.config import RunConfig
+from fedaqt.options import NoOptions, options_for
 
 
 class Workload(ABC):
@@ -27,7 +28,13 @@ class Workload(ABC):
         description: one line for ``fedaqt plugins list``.
         eval_columns: metric names :meth:`evaluate` returns (written to ``rounds.csv``).
         default_eval_every: evaluation period in rounds when the user does not set ``--eval-every``.
+        Options: the workload's ``-o KEY=VALUE`` options, a pydantic model (``extra="forbid"``, every field with a
+            default and ``Field(description=...)``); ``fedaqt plugins show NAME`` prints it. The instance for the
+            run is :attr:`options` (typed: ``-o eval_max=8`` arrives as the int 8).
     """
+
+    #: this workload's typed options (default: none); subclasses declare ``class Options(BaseOptions): ...``
+    Options: type = NoOptions
 
     name: str = ""
     description: str = ""
@@ -36,7 +43,13 @@ class Workload(ABC):
     default_eval_every: int = 1
 
     def __init__(self, config: RunConfig) -> None:
+        """Keep ``config`` and build :attr:`options` from ``config.options`` (the keys :attr:`Options` declares).
+
+        Raises:
+            ConfigError: a declared option has a bad value (naming the key, the value and what is allowed).
+        """
         self.config = config
+        self.options = options_for(type(self).Options, config.options, f"workload {self.name or type(self).__name__}")
 
     # ---------------------------------------------------------------- server side
     def prepare(self) -> None:

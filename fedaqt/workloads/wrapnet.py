@@ -24,7 +24,7 @@ binarizes/ternarizes ``ŵ = s*q``. The server evaluates that same network: it en
 weights exactly as a broadcast and evaluates a client-format copy, so the binary/ternary weights and scales it
 evaluates are bit for bit those the clients train (with ``--bits 32`` both sides use the float weights).
 
-``config.options`` keys (all optional):
+``config.options`` keys (all optional; see also ``fedaqt plugins show wrapnet``):
 
 =============  =========  ============================================================================
 key            default    meaning
@@ -41,27 +41,33 @@ lambda_o       0.01       overflow-penalty weight λ_o
 eval_size      2000       test images used by ``evaluate`` (a fixed subset of the 10,000)
 calib_size     256        calibration images for §3.4
 train_size     0          use only this many training images (0 = all 60,000)
-data_root      (auto)     directory with the Fashion-MNIST idx files; default ``config.data_dir`` if it holds
+data_root      (auto)     directory with the Fashion-MNIST idx files; default ``options.data_dir`` if it holds
                           them, else /usr/share/datasets/fashion-mnist
+data_dir       ""         ``--data-dir``: see data_root
+partition      "iid"      "iid" or "dirichlet" (shared :class:`fedaqt.data.partition.PartitionOptions`)
+alpha          0.5        Dirichlet concentration for partition=dirichlet
 =============  =========  ============================================================================
 
-Data: the Fashion-MNIST train split across ``config.num_clients`` clients by ``config.partition`` ("iid", or
-"dirichlet" with ``config.alpha``; "speaker", the ASR default, is treated as "iid").
+The typed model is :class:`WrapNetOptions` (``fedaqt plugins show wrapnet``).
+
+Data: the Fashion-MNIST train split across ``config.num_clients`` clients by ``options.partition`` ("iid", or
+"dirichlet" with ``options.alpha``; :func:`fedaqt.data.partition.partition_indices`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from fedaqt.config import RunConfig
 from fedaqt.data.images import FASHION_MNIST_ROOT, load_fashion_mnist
-from fedaqt.data.partition import dirichlet_partition, iid_partition
+from fedaqt.data.partition import PartitionOptions, partition_indices
 from fedaqt.models.wrapnet import (
     build_wrapnet,
     evaluate as evaluate_wrapnet,
@@ -71,74 +77,51 @@ from fedaqt.models.wrapnet import (
     set_wrapnet_mode,
     wrap_layers,
 )
+from fedaqt.options import options_for
 from fedaqt.workloads.base import Workload
 
-DEFAULTS: dict[str, Any] = {
-    "arch": "vgg7",
-    "width": None,  # per-arch default below
-    "weight_quant": "binary",
-    "act_bits": 8,
-    "p": 0.05,
-    "k": 2.0,
-    "acc_bits": 8,
-    "cyclic": True,
-    "lambda_o": 0.01,
-    "eval_size": 2000,
-    "calib_size": 256,
-    "train_size": 0,
-    "data_root": "",
-}
 _WIDTH_DEFAULT = {"vgg7": 0.125, "resnet20": 1.0}
 _EVAL_BATCH = 500
+WEIGHT_QUANTS = ("binary", "ternary", "int2", "int3", "int4", "int5", "int6", "int7", "int8")
 
 
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    raise ValueError(f"options.{key}={value!r} is not allowed; use true or false")
+class WrapNetOptions(PartitionOptions):
+    """Options of the WrapNet workload (``-o KEY=VALUE``; ``fedaqt plugins show wrapnet``)."""
+
+    arch: Literal["vgg7", "resnet20"] = Field("vgg7", description="network: vgg7 or resnet20")
+    width: Optional[float] = Field(
+        None, gt=0, description="channel multiplier (null = per arch: vgg7 0.125 -> 16..64 channels, resnet20 1.0)"
+    )
+    weight_quant: Literal[WEIGHT_QUANTS] = Field(  # type: ignore[valid-type]
+        "binary", description="weights: binary (XNOR), ternary (TWN) or int2..int8"
+    )
+    act_bits: int = Field(8, ge=1, le=8, description="largest activation bit-width of the §3.4 grid (act_bits..1)")
+    p: float = Field(0.05, ge=0, le=1, description="target overflow rate of the §3.4 search (1.0 forces act_bits)")
+    k: float = Field(2.0, gt=0, description="cyclic slope (§3.2)")
+    acc_bits: int = Field(8, ge=2, le=31, description="accumulator bits b (cyclic period, penalty, evaluation)")
+    cyclic: bool = Field(True, description="insert the cyclic activation")
+    lambda_o: float = Field(0.01, ge=0, description="overflow-penalty weight λ_o")
+    eval_size: int = Field(2000, ge=1, le=10000, description="test images evaluate() uses (fixed subset of 10,000)")
+    calib_size: int = Field(256, ge=1, description="calibration images for the §3.4 step-size search")
+    train_size: int = Field(0, ge=0, description="use only this many training images (0 = all 60,000)")
+    data_root: str = Field("", description="directory with the Fashion-MNIST idx files ('' = data_dir, else the Debian package's)")
+    data_dir: str = Field("", description="dataset directory (--data-dir); used when it holds the idx files and data_root is ''")
+
+
+#: option defaults (``width`` None = per-arch default), as the typed model declares them
+DEFAULTS: dict[str, Any] = {k: f.default for k, f in WrapNetOptions.model_fields.items()
+                            if k not in ("partition", "alpha", "data_dir")}
 
 
 def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults merged with the known keys of ``config.options``, type-checked.
+    """The WrapNet options of ``options`` (a run's flat ``-o`` table) as a plain dict, typed, ``width`` resolved.
 
     Raises:
-        ValueError: a known key has a bad value (the message names the key, the value and what is allowed).
+        ConfigError: a WrapNet option has a bad value (the message names the key, the value and what is allowed).
     """
-    o = {k: options.get(k, v) for k, v in DEFAULTS.items()}
-    if o["arch"] not in _WIDTH_DEFAULT:
-        raise ValueError(f"options.arch={o['arch']!r} is not allowed; choose vgg7 or resnet20")
+    o = options_for(WrapNetOptions, options, "workload wrapnet").model_dump()
     if o["width"] is None:
         o["width"] = _WIDTH_DEFAULT[o["arch"]]
-    wq = str(o["weight_quant"])
-    if not (wq in ("binary", "ternary") or (wq.startswith("int") and wq[3:].isdigit() and 2 <= int(wq[3:]) <= 8)):
-        raise ValueError(f"options.weight_quant={wq!r} is not allowed; choose binary, ternary or int2..int8")
-    o["weight_quant"] = wq
-    try:
-        for key in ("act_bits", "acc_bits", "eval_size", "calib_size", "train_size"):
-            o[key] = int(o[key])
-        for key in ("width", "p", "k", "lambda_o"):
-            o[key] = float(o[key])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"a WrapNet option has the wrong type: {exc}") from None
-    o["cyclic"] = _as_bool("cyclic", o["cyclic"])
-    checks = [
-        ("act_bits", 1 <= o["act_bits"] <= 8, "an integer in 1..8"),
-        ("acc_bits", 2 <= o["acc_bits"] <= 31, "an integer in 2..31"),
-        ("width", o["width"] > 0, "> 0"),
-        ("p", 0.0 <= o["p"] <= 1.0, "a fraction in [0, 1]"),
-        ("k", o["k"] > 0, "> 0"),
-        ("lambda_o", o["lambda_o"] >= 0, ">= 0"),
-        ("eval_size", 1 <= o["eval_size"] <= 10000, "in 1..10000"),
-        ("calib_size", o["calib_size"] >= 1, ">= 1"),
-        ("train_size", o["train_size"] >= 0, ">= 0 (0 = all)"),
-    ]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise ValueError(f"options.{key}={o[key]!r} is not allowed; it must be {allowed}")
     return o
 
 
@@ -147,6 +130,8 @@ class WrapNetWorkload(Workload):
 
     name = "wrapnet"
     description = "WrapNet (spec §3): binary/ternary VGG-7 on Fashion-MNIST with a cyclic activation for 8-bit accumulators"
+
+    Options = WrapNetOptions
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
@@ -174,12 +159,12 @@ class WrapNetWorkload(Workload):
         return layer_name.replace(".", "_")
 
     def data_root(self) -> Path:
-        """Directory with the idx files: ``options.data_root``, else ``config.data_dir`` if it holds them, else
+        """Directory with the idx files: ``options.data_root``, else ``options.data_dir`` if it holds them, else
         the Debian package location."""
         if self.opts["data_root"]:
             return Path(self.opts["data_root"])
-        d = Path(self.config.data_dir)
-        if (d / "train-images-idx3-ubyte.gz").exists() or (d / "train-images-idx3-ubyte").exists():
+        d = Path(self.opts["data_dir"]) if self.opts["data_dir"] else None
+        if d is not None and ((d / "train-images-idx3-ubyte.gz").exists() or (d / "train-images-idx3-ubyte").exists()):
             return d
         return Path(FASHION_MNIST_ROOT)
 
@@ -204,14 +189,7 @@ class WrapNetWorkload(Workload):
         """Index arrays (into the train split) of every client; deterministic from the config."""
         if self._partitions is None:
             _, y = self._train_data()
-            part = self.config.partition
-            if part == "dirichlet":
-                self._partitions = dirichlet_partition(y.numpy(), self.config.num_clients, self.config.alpha,
-                                                       self.config.seed)
-            elif part in ("iid", "speaker"):
-                self._partitions = iid_partition(len(y), self.config.num_clients, self.config.seed)
-            else:
-                raise ValueError(f"partition={part!r} is not allowed for wrapnet; choose iid or dirichlet")
+            self._partitions = partition_indices(self.options, y, self.config.num_clients, self.config.seed)
         return self._partitions
 
     @staticmethod
@@ -398,7 +376,7 @@ class WrapNetWorkload(Workload):
         return {
             "dataset": "fashion-mnist",
             "data_root": str(self.data_root()),
-            "partition": "iid" if self.config.partition == "speaker" else self.config.partition,
+            "partition": self.options.partition,
             "partition_sizes": [int(len(p)) for p in parts],
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
             "options": {k: v for k, v in self.opts.items()},

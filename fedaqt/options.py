@@ -1,0 +1,297 @@
+"""Typed options: every plugin declares its ``-o KEY=VALUE`` options as a pydantic model; one check before Ray.
+
+The user's flat ``RunConfig.options`` table (``-o KEY=VALUE`` on the command line, ``[options]`` in a TOML) is
+split by key among the models that declare the keys:
+
+* ``core`` -- :class:`CoreOptions` (``round_timeout``, ``max_nonfinite_rounds``, ``profile_memory``), read by the
+  server and the clients whatever the plugins;
+* ``workload NAME`` -- ``Workload.Options`` of the selected workload;
+* ``strategy NAME`` -- ``StrategyPlugin.Options`` of the selected strategy;
+* ``algorithm NAME`` -- ``ClientAlgorithm.Options`` of the selected client algorithm (when the installed fedaqt
+  has client-algorithm plugins, :func:`fedaqt.plugins.get_algorithm_class`).
+
+An ``Options`` model is a ``pydantic.BaseModel`` with ``model_config = ConfigDict(extra="forbid")`` whose every
+field has a default and ``Field(description="one line help", ...)``, with constraints as ``ge``/``gt``/``le``/
+``lt`` and choices as ``Literal[...]``. :func:`options_for` gives a plugin its typed instance;
+:func:`check_options` (called by :meth:`fedaqt.config.RunConfig.validate`, i.e. before Ray starts) refuses an
+unknown key (naming it, a close match and every allowed key by owner) and any bad value (naming the key, the
+value, the allowed range and the owner).
+
+Values arrive as parsed JSON (``-o k=3`` is the int 3, ``-o k=abc`` the string "abc") or TOML values; numeric
+strings are accepted for numbers and true/false/yes/no/on/off/1/0 for booleans, as pydantic's lax mode does,
+except that a boolean is never accepted for a number (``-o max_nonfinite_rounds=true`` is an error).
+
+A key declared by two owners (e.g. a workload and an algorithm both reading ``proximal_mu``) is allowed only when
+both declare it with the same type; both then receive the same value, each validated by its own constraints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedaqt.config import ConfigError
+
+__all__ = [
+    "BaseOptions",
+    "CoreOptions",
+    "NoOptions",
+    "OptionRow",
+    "check_options",
+    "describe_options",
+    "option_owners",
+    "options_for",
+]
+
+
+class BaseOptions(BaseModel):
+    """Base of fedaqt's own option models: unknown keys forbidden, no NaN/inf for floats, defaults validated."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True, frozen=True)
+
+
+class NoOptions(BaseOptions):
+    """A plugin without options."""
+
+
+class CoreOptions(BaseOptions):
+    """Options that fedaqt's server and clients read whatever the workload, strategy and algorithm."""
+
+    round_timeout: float = Field(3600.0, gt=0, description="seconds the server waits for a round's replies")
+    max_nonfinite_rounds: int = Field(
+        3, ge=1, description="rounds whose aggregated model may be non-finite (skipped) before the run stops"
+    )
+    profile_memory: bool = Field(False, description="clients measure their memory every round (clients.csv)")
+
+
+# ---------------------------------------------------------------------------------------------- describing fields
+def _is_bool(tp: Any) -> bool:
+    return tp is bool
+
+
+def _is_number(tp: Any) -> bool:
+    return tp in (int, float)
+
+
+def _args(tp: Any) -> tuple:
+    return typing.get_args(tp)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _literal_values(tp: Any) -> tuple | None:
+    if typing.get_origin(tp) is Literal:
+        return _args(tp)
+    return None
+
+
+def type_name(tp: Any) -> str:
+    """Short name of a field's annotation for tables: ``int``, ``float``, ``bool``, ``str``, ``choice``,
+    ``float|None``..."""
+    if _literal_values(tp) is not None:
+        return "choice"
+    if _is_union(tp):
+        return "|".join(type_name(a) for a in _args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _constraints(field: Any) -> list[str]:
+    out = []
+    for m in field.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                out.append(f"{op} {v!r}")
+        v = getattr(m, "min_length", None)
+        if v is not None:
+            out.append("non-empty" if v == 1 else f"of at least {v} characters")
+        v = getattr(m, "max_length", None)
+        if v is not None:
+            out.append(f"of at most {v} characters")
+    return out
+
+
+def _allowed_for(tp: Any, field: Any, finite: bool) -> str:
+    lit = _literal_values(tp)
+    if lit is not None:
+        return "one of " + ", ".join(repr(v) for v in lit)
+    if _is_union(tp):
+        parts = [a for a in _args(tp) if a is not type(None)]
+        none = len(parts) < len(_args(tp))
+        text = " or ".join(_allowed_for(a, field, finite) for a in parts)
+        return f"{text} or null" if none else text
+    if _is_bool(tp):
+        return "true or false"
+    cons = _constraints(field)
+    if tp is int:
+        base = "an integer"
+    elif tp is float:
+        base = "a finite number" if finite else "a number"
+    elif tp is str:
+        if cons == ["non-empty"]:
+            return "a non-empty string"
+        base = "a string"
+    else:
+        base = f"a {type_name(tp)}"
+    return base + (" " + " and ".join(cons) if cons else "")
+
+
+def allowed_text(model_cls: type[BaseModel], key: str) -> str:
+    """What ``model_cls`` allows for ``key``, in words: ``an integer >= 1``, ``one of 'tiny', 'small'``, ..."""
+    field = model_cls.model_fields[key]
+    finite = model_cls.model_config.get("allow_inf_nan", True) is False
+    return _allowed_for(field.annotation, field, finite)
+
+
+class OptionRow(typing.NamedTuple):
+    """One row of ``fedaqt plugins show``: the key, its type, its default, what is allowed, one line of help."""
+
+    key: str
+    type: str
+    default: Any
+    allowed: str
+    help: str
+
+
+def describe_options(model_cls: type[BaseModel]) -> list[OptionRow]:
+    """The rows of an ``Options`` model (declaration order) for ``fedaqt plugins show NAME``."""
+    rows = []
+    for key, field in model_cls.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        rows.append(OptionRow(key, type_name(field.annotation), default, allowed_text(model_cls, key),
+                              (field.description or "").strip().splitlines()[0] if field.description else ""))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _base_type(tp: Any) -> Any:
+    """``int``/``float``/``bool``/... of an annotation, ``Optional[X]`` -> X (None for anything else)."""
+    if _is_union(tp):
+        inner = [a for a in _args(tp) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else None
+    return tp
+
+
+def _fmt_value(v: Any) -> str:
+    return repr(v)
+
+
+def options_for(model_cls: type[BaseModel], options: dict[str, Any] | None, owner: str) -> BaseModel:
+    """The typed options of one owner: the keys of ``options`` that ``model_cls`` declares, validated.
+
+    Args:
+        model_cls: the owner's ``Options`` model (a pydantic ``BaseModel`` subclass).
+        options: the run's flat ``-o KEY=VALUE`` table (other owners' keys are ignored here).
+        owner: who declares the model, for messages: ``"core"``, ``"workload asr"``, ``"algorithm fedavg"``.
+
+    Returns:
+        an instance of ``model_cls`` (defaults for the keys not given).
+
+    Raises:
+        ConfigError: ``option KEY=VALUE (OWNER) is not allowed: must be ALLOWED`` for the first bad value.
+    """
+    options = dict(options or {})
+    fields = model_cls.model_fields
+    picked = {k: v for k, v in options.items() if k in fields}
+    for key, value in picked.items():  # pydantic's lax mode takes True for 1; fedaqt does not
+        base = _base_type(fields[key].annotation)
+        if isinstance(value, bool) and _is_number(base):
+            raise _bad(model_cls, key, value, owner)
+        if isinstance(value, float) and base is float and not math.isfinite(value) \
+                and model_cls.model_config.get("allow_inf_nan", True) is False:
+            raise _bad(model_cls, key, value, owner)
+    try:
+        return model_cls.model_validate(picked)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = err.get("loc") or ()
+        key = str(loc[0]) if loc else ""
+        if key in picked:
+            raise _bad(model_cls, key, picked[key], owner) from None
+        raise ConfigError(f"options of {owner} are not allowed: {err.get('msg', exc)}") from None
+
+
+def _bad(model_cls: type[BaseModel], key: str, value: Any, owner: str) -> ConfigError:
+    return ConfigError(f"option {key}={_fmt_value(value)} ({owner}) is not allowed: must be {allowed_text(model_cls, key)}")
+
+
+def option_owners(config: Any) -> list[tuple[str, type[BaseModel]]]:
+    """``[(owner, Options model), ...]`` of a run: core, its workload, its strategy and its client algorithm.
+
+    Raises:
+        ConfigError: the workload/strategy/algorithm is not registered or fails to load (the message lists the
+            known names), or a plugin's ``Options`` is not a pydantic model.
+    """
+    from fedaqt import plugins
+
+    owners: list[tuple[str, type[BaseModel]]] = [("core", CoreOptions)]
+    try:
+        wl = plugins.get_workload_class(config.workload)
+        owners.append((f"workload {config.workload}", _model_of(getattr(wl, "Options", NoOptions), "workload", config.workload)))
+        sp = plugins.get_strategy_plugin(config.strategy)
+        owners.append((f"strategy {config.strategy}", _model_of(getattr(sp, "Options", NoOptions), "strategy", config.strategy)))
+        get_alg = getattr(plugins, "get_algorithm_class", None)
+        if get_alg is not None:
+            alg = get_alg(config.algorithm)
+            owners.append((f"algorithm {config.algorithm}", _model_of(getattr(alg, "Options", NoOptions), "algorithm", config.algorithm)))
+    except (plugins.UnknownPluginError, plugins.PluginLoadError) as exc:
+        raise ConfigError(str(exc)) from None
+    return owners
+
+
+def _model_of(obj: Any, kind: str, name: str) -> type[BaseModel]:
+    if obj is None:
+        return NoOptions
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        raise ConfigError(f"{kind} {name!r}: its Options is {obj!r}, not a pydantic BaseModel subclass")
+    return obj
+
+
+def check_options(config: Any) -> dict[str, BaseModel]:
+    """Validate a run's whole ``options`` table against every owner's model (before Ray starts).
+
+    Returns:
+        owner -> typed options instance.
+
+    Raises:
+        ConfigError: an unknown key (``unknown option 'local_epoch'; did you mean local_epochs? allowed options:
+            core: ...; workload asr: ...; strategy fedsgd: (none); algorithm fedavg: ...``), a bad value (see
+            :func:`options_for`), or a key two owners declare with different types.
+    """
+    options = config.options
+    if not isinstance(options, dict):
+        raise ConfigError(f"options must be a table of KEY = VALUE, got {options!r}")
+    owners = option_owners(config)
+    declared: dict[str, tuple[str, Any]] = {}
+    for owner, model in owners:
+        for key, field in model.model_fields.items():
+            if key in declared and declared[key][1] != field.annotation:
+                other, tp = declared[key]
+                raise ConfigError(
+                    f"option {key!r} is declared by {other} as {type_name(tp)} and by {owner} as "
+                    f"{type_name(field.annotation)}; an option shared by two plugins must have one type"
+                )
+            declared.setdefault(key, (owner, field.annotation))
+    unknown = sorted(k for k in options if k not in declared)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(declared), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        listing = "; ".join(f"{owner}: {', '.join(model.model_fields) or '(none)'}" for owner, model in owners)
+        more = f" (also unknown: {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
+        raise ConfigError(f"unknown option {key!r}{more}{hint}; allowed options: {listing}")
+    return {owner: options_for(model, options, owner) for owner, model in owners}
+
+
+def core_options(config: Any) -> CoreOptions:
+    """The typed :class:`CoreOptions` of a run (``config.options``). Raises ConfigError on a bad value."""
+    return options_for(CoreOptions, getattr(config, "options", {}) or {}, "core")  # type: ignore[return-value]
