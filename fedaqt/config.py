@@ -49,23 +49,13 @@ LEGACY_OPTION_KEYS: dict[str, Any] = {
 log = logging.getLogger("fedaqt.config")
 
 
-def _workload_option_model(workload: str) -> Any:
-    """The ``Options`` model of ``workload`` or None when it cannot be loaded (the run's checks report that)."""
-    try:
-        from fedaqt.plugins import get_workload_class
-
-        return getattr(get_workload_class(workload), "Options", None)
-    except Exception:  # noqa: BLE001 - unknown/broken workloads are reported by validate()
-        return None
-
-
 def migrate_legacy(values: dict[str, Any], source: str = "config", workload: str | None = None) -> dict[str, Any]:
     """Move the :data:`LEGACY_OPTION_KEYS` of a flat configuration mapping into its ``options`` table.
 
     A key equal to its old default is dropped (the workload's option has the same default, so the run is the
-    same); another value becomes ``options[key]`` when the workload declares that option (an explicit
-    ``options`` entry wins) and is dropped otherwise (that workload ignored it before too). The move is logged
-    once at INFO. Mappings without legacy keys are returned unchanged (a copy).
+    same); another value becomes ``options[key]`` (an explicit ``options`` entry wins), checked later with every
+    option by :func:`fedaqt.plugins.check_options` (a workload that does not declare it refuses it, naming the
+    key). The move is logged once at INFO. Mappings without legacy keys are returned unchanged (a copy).
 
     Args:
         values: flat mapping (``config.json``, a TOML table, keys with ``-`` or ``_``).
@@ -73,42 +63,29 @@ def migrate_legacy(values: dict[str, Any], source: str = "config", workload: str
         workload: the workload the values are for (default: ``values["workload"]``, else ``"asr"``).
 
     Raises:
-        ConfigError: a migrated value the workload's option refuses (naming the key, the value and ``source``).
+        ConfigError: ``options`` is not a table while a value must move into it.
     """
     values = {k.replace("-", "_"): v for k, v in values.items()}
     legacy = {k: values.pop(k) for k in list(values) if k in LEGACY_OPTION_KEYS}
     if not legacy:
         return values
     name = str(workload or values.get("workload") or RunConfig.workload)
-    model = _workload_option_model(name)
-    declared = set(getattr(model, "model_fields", {}) or {}) if model is not None else set(legacy)
     options = values.get("options", {})
     options = dict(options) if isinstance(options, dict) else options
-    moved, dropped = {}, {}
+    moved = {}
     for key, value in legacy.items():
         default = LEGACY_OPTION_KEYS[key]
         if value == default and type(value) is type(default):
             continue
-        if key in declared:
-            moved[key] = value
-        else:
-            dropped[key] = value
+        moved[key] = value
     if moved and not isinstance(options, dict):
         raise ConfigError(f"options must be a table of KEY = VALUE, got {options!r} in {source}")
     for key, value in moved.items():
         options.setdefault(key, value)
-    if moved and model is not None:
-        from fedaqt.options import options_for
-
-        try:
-            options_for(model, moved, f"workload {name}")
-        except ConfigError as exc:
-            raise ConfigError(f"{exc} (top-level key {next(iter(moved))!r} in {source})") from None
     if moved or "options" in values:
         values["options"] = options
-    log.info("%s: top-level key(s) %s are options of workload %s now; moved into options: %s%s", source,
-             ", ".join(legacy), name, moved or "none (old defaults)",
-             f"; ignored (workload {name} has no such option): {dropped}" if dropped else "")
+    log.info("%s: top-level key(s) %s are options of workload %s now; moved into options: %s", source,
+             ", ".join(legacy), name, moved or "none (old defaults)")
     return values
 
 
@@ -248,9 +225,6 @@ class RunConfig:
             raise ConfigError(
                 f"client_num_cpus={self.client_num_cpus} exceeds num_cpus={self.num_cpus}: no client could be scheduled"
             )
-        from fedaqt.options import check_options
-
-        check_options(self)  # every -o key declared by core/workload/strategy/algorithm, every value in range
         return self
 
 

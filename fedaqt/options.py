@@ -13,7 +13,7 @@ split by key among the models that declare the keys:
 An ``Options`` model is a ``pydantic.BaseModel`` with ``model_config = ConfigDict(extra="forbid")`` whose every
 field has a default and ``Field(description="one line help", ...)``, with constraints as ``ge``/``gt``/``le``/
 ``lt`` and choices as ``Literal[...]``. :func:`options_for` gives a plugin its typed instance;
-:func:`check_options` (called by :meth:`fedaqt.config.RunConfig.validate`, i.e. before Ray starts) refuses an
+:func:`fedaqt.plugins.check_options` (called by preflight, before Ray starts) refuses an
 unknown key (naming it, a close match and every allowed key by owner) and any bad value (naming the key, the
 value, the allowed range and the owner).
 
@@ -42,9 +42,7 @@ __all__ = [
     "CoreOptions",
     "NoOptions",
     "OptionRow",
-    "check_options",
     "describe_options",
-    "option_owners",
     "options_for",
 ]
 
@@ -222,74 +220,6 @@ def options_for(model_cls: type[BaseModel], options: dict[str, Any] | None, owne
 
 def _bad(model_cls: type[BaseModel], key: str, value: Any, owner: str) -> ConfigError:
     return ConfigError(f"option {key}={_fmt_value(value)} ({owner}) is not allowed: must be {allowed_text(model_cls, key)}")
-
-
-def option_owners(config: Any) -> list[tuple[str, type[BaseModel]]]:
-    """``[(owner, Options model), ...]`` of a run: core, its workload, its strategy and its client algorithm.
-
-    Raises:
-        ConfigError: the workload/strategy/algorithm is not registered or fails to load (the message lists the
-            known names), or a plugin's ``Options`` is not a pydantic model.
-    """
-    from fedaqt import plugins
-
-    owners: list[tuple[str, type[BaseModel]]] = [("core", CoreOptions)]
-    try:
-        wl = plugins.get_workload_class(config.workload)
-        owners.append((f"workload {config.workload}", _model_of(getattr(wl, "Options", NoOptions), "workload", config.workload)))
-        sp = plugins.get_strategy_plugin(config.strategy)
-        owners.append((f"strategy {config.strategy}", _model_of(getattr(sp, "Options", NoOptions), "strategy", config.strategy)))
-        get_alg = getattr(plugins, "get_algorithm_class", None)
-        if get_alg is not None:
-            alg = get_alg(config.algorithm)
-            owners.append((f"algorithm {config.algorithm}", _model_of(getattr(alg, "Options", NoOptions), "algorithm", config.algorithm)))
-    except (plugins.UnknownPluginError, plugins.PluginLoadError) as exc:
-        raise ConfigError(str(exc)) from None
-    return owners
-
-
-def _model_of(obj: Any, kind: str, name: str) -> type[BaseModel]:
-    if obj is None:
-        return NoOptions
-    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
-        raise ConfigError(f"{kind} {name!r}: its Options is {obj!r}, not a pydantic BaseModel subclass")
-    return obj
-
-
-def check_options(config: Any) -> dict[str, BaseModel]:
-    """Validate a run's whole ``options`` table against every owner's model (before Ray starts).
-
-    Returns:
-        owner -> typed options instance.
-
-    Raises:
-        ConfigError: an unknown key (``unknown option 'local_epoch'; did you mean local_epochs? allowed options:
-            core: ...; workload asr: ...; strategy fedsgd: (none); algorithm fedavg: ...``), a bad value (see
-            :func:`options_for`), or a key two owners declare with different types.
-    """
-    options = config.options
-    if not isinstance(options, dict):
-        raise ConfigError(f"options must be a table of KEY = VALUE, got {options!r}")
-    owners = option_owners(config)
-    declared: dict[str, tuple[str, Any]] = {}
-    for owner, model in owners:
-        for key, field in model.model_fields.items():
-            if key in declared and declared[key][1] != field.annotation:
-                other, tp = declared[key]
-                raise ConfigError(
-                    f"option {key!r} is declared by {other} as {type_name(tp)} and by {owner} as "
-                    f"{type_name(field.annotation)}; an option shared by two plugins must have one type"
-                )
-            declared.setdefault(key, (owner, field.annotation))
-    unknown = sorted(k for k in options if k not in declared)
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(declared), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        listing = "; ".join(f"{owner}: {', '.join(model.model_fields) or '(none)'}" for owner, model in owners)
-        more = f" (also unknown: {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
-        raise ConfigError(f"unknown option {key!r}{more}{hint}; allowed options: {listing}")
-    return {owner: options_for(model, options, owner) for owner, model in owners}
 
 
 def core_options(config: Any) -> CoreOptions:

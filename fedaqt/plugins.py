@@ -14,10 +14,16 @@ names both packages (``fedaqt plugins list`` shows the clash). The same distribu
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
+
+from pydantic import BaseModel
+
+from fedaqt.config import ConfigError
+from fedaqt.options import CoreOptions, NoOptions, options_for, type_name
 
 log = logging.getLogger("fedaqt.plugins")
 
@@ -263,3 +269,70 @@ def plugin_entries(name: str) -> list[tuple[str, str, str, Any]]:
         out.append(("algorithm", _source(group, name),
                     _first_line(getattr(cls, "description", "") or cls.__doc__), getattr(cls, "Options", NoOptions)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- typed options
+# Here rather than in fedaqt.options: resolving a run's owners needs the registries, and fedaqt.options (imported
+# by every plugin for BaseOptions) must not import the plugins themselves (import-linter contracts, pyproject).
+def option_owners(config: Any) -> list[tuple[str, type[BaseModel]]]:
+    """``[(owner, Options model), ...]`` of a run: core, its workload, its strategy and its client algorithm.
+
+    Raises:
+        ConfigError: the workload/strategy/algorithm is not registered or fails to load (the message lists the
+            known names), or a plugin's ``Options`` is not a pydantic model.
+    """
+    owners: list[tuple[str, type[BaseModel]]] = [("core", CoreOptions)]
+    try:
+        wl = get_workload_class(config.workload)
+        owners.append((f"workload {config.workload}", _model_of(getattr(wl, "Options", NoOptions), "workload", config.workload)))
+        sp = get_strategy_plugin(config.strategy)
+        owners.append((f"strategy {config.strategy}", _model_of(getattr(sp, "Options", NoOptions), "strategy", config.strategy)))
+        alg = get_algorithm_class(config.algorithm)
+        owners.append((f"algorithm {config.algorithm}", _model_of(getattr(alg, "Options", NoOptions), "algorithm", config.algorithm)))
+    except (UnknownPluginError, PluginLoadError) as exc:
+        raise ConfigError(str(exc)) from None
+    return owners
+
+
+def _model_of(obj: Any, kind: str, name: str) -> type[BaseModel]:
+    if obj is None:
+        return NoOptions
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        raise ConfigError(f"{kind} {name!r}: its Options is {obj!r}, not a pydantic BaseModel subclass")
+    return obj
+
+
+def check_options(config: Any) -> dict[str, BaseModel]:
+    """Validate a run's whole ``options`` table against every owner's model (before Ray starts).
+
+    Returns:
+        owner -> typed options instance.
+
+    Raises:
+        ConfigError: an unknown key (``unknown option 'local_epoch'; did you mean local_epochs? allowed options:
+            core: ...; workload asr: ...; strategy fedsgd: (none); algorithm fedavg: ...``), a bad value (see
+            :func:`options_for`), or a key two owners declare with different types.
+    """
+    options = config.options
+    if not isinstance(options, dict):
+        raise ConfigError(f"options must be a table of KEY = VALUE, got {options!r}")
+    owners = option_owners(config)
+    declared: dict[str, tuple[str, Any]] = {}
+    for owner, model in owners:
+        for key, field in model.model_fields.items():
+            if key in declared and declared[key][1] != field.annotation:
+                other, tp = declared[key]
+                raise ConfigError(
+                    f"option {key!r} is declared by {other} as {type_name(tp)} and by {owner} as "
+                    f"{type_name(field.annotation)}; an option shared by two plugins must have one type"
+                )
+            declared.setdefault(key, (owner, field.annotation))
+    unknown = sorted(k for k in options if k not in declared)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(declared), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        listing = "; ".join(f"{owner}: {', '.join(model.model_fields) or '(none)'}" for owner, model in owners)
+        more = f" (also unknown: {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
+        raise ConfigError(f"unknown option {key!r}{more}{hint}; allowed options: {listing}")
+    return {owner: options_for(model, options, owner) for owner, model in owners}

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from typer.testing import CliRunner
 
 from fedaqt.config import ConfigError, RunConfig, resolve_config, resolve_resume_config
-from fedaqt.options import BaseOptions, CoreOptions, check_options, describe_options, options_for
+from fedaqt.options import BaseOptions, CoreOptions, describe_options, options_for
+from fedaqt.plugins import check_options
 from toy import ToyWorkload
 
 runner = CliRunner()

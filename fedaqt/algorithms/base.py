@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel
 from torch import nn
 
-from fedaqt.config import ConfigError, RunConfig
+from fedaqt.config import RunConfig
+from fedaqt.options import NoOptions
 
 if TYPE_CHECKING:  # annotations only: the client package imports this one
     from fedaqt.client.memory import MemoryProbe
@@ -43,12 +44,6 @@ if TYPE_CHECKING:  # annotations only: the client package imports this one
     from fedaqt.workloads.base import Workload
 
 UPLOAD_KINDS = ("gradient", "delta")
-
-
-class NoOptions(BaseModel):
-    """An algorithm without options: any ``-o`` key meant for it is unknown."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass
@@ -129,17 +124,6 @@ def grad_hook(fn: Callable[[str, torch.Tensor], None], key: str) -> Callable[[to
     return hook
 
 
-def _describe_limits(info: Any) -> str:
-    parts = []
-    for m in getattr(info, "metadata", ()):
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(m, attr, None) is not None:
-                parts.append(f"{sym} {getattr(m, attr)}")
-    ann = getattr(info, "annotation", None)
-    what = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-    return f"{what}{' ' + ' and '.join(parts) if parts else ''}"
-
-
 class ClientAlgorithm(ABC):
     """Base of client algorithms (see the module docstring).
 
@@ -176,18 +160,9 @@ class ClientAlgorithm(ABC):
         Raises:
             ConfigError: a bad value, naming the key, the value, the allowed range and the algorithm.
         """
-        fields = cls.Options.model_fields
-        mine = {k: v for k, v in (config.options or {}).items() if k in fields}
-        try:
-            return cls.Options.model_validate(mine)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = str(err["loc"][0]) if err.get("loc") else "?"
-            allowed = _describe_limits(fields[key]) if key in fields else ""
-            raise ConfigError(
-                f"option {key}={mine.get(key)!r} of algorithm {cls.name!r} is not allowed: {err['msg']}"
-                f"{f' (allowed: {allowed})' if allowed else ''}"
-            ) from None
+        from fedaqt.options import options_for
+
+        return options_for(cls.Options, config.options, f"algorithm {cls.name}")
 
     @classmethod
     def validate(cls, config: RunConfig) -> None:

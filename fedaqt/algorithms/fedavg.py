@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from fedaqt.options import BaseOptions
 
 from fedaqt.algorithms.base import ClientAlgorithm, LocalContext, LocalResult, grad_hook
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.quant.quantize import dequantize
 
 
-class FedAvgOptions(BaseModel):
+class FedAvgOptions(BaseOptions):
     """``-o KEY=VALUE`` options of ``--algorithm fedavg``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     local_epochs: int = Field(0, ge=0, description="passes over the client's own partition per round (0 = --local-steps batches)")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="client SGD momentum (torch.optim.SGD: dampening 0, no Nesterov)")

@@ -226,7 +226,7 @@ def profile_command(
         except json.JSONDecodeError:
             options[k] = v
     try:
-        from fedaqt.plugins import get_workload_class
+        from fedaqt.plugins import check_options, get_workload_class
 
         if workload in workload_names():
             declared = getattr(get_workload_class(workload), "Options", None)
@@ -240,8 +240,10 @@ def profile_command(
         base = RunConfig(workload=workload, batch_size=batch_size, local_steps=local_steps,
                          granularity=granularity, seed=seed, options=options, out=str(out))
         # every option checked by its owner's typed model (model_size, data_dir, ... by the workload's Options)
-        base.override({"algorithm": "fedavg" if local_steps > 1 else "fedsgd",
-                       "local_steps": local_steps if local_steps > 1 else 1}).validate(known_workloads=workload_names())
+        probe_cfg = base.override({"algorithm": "fedavg" if local_steps > 1 else "fedsgd",
+                                   "local_steps": local_steps if local_steps > 1 else 1})
+        probe_cfg.validate(known_workloads=workload_names())
+        check_options(probe_cfg)
         # through the workload itself (no per-workload special case): its data are present and its model builds
         # with these settings (e.g. ASR's model_size), here, before any process starts
         probe = get_workload_class(workload)(base)

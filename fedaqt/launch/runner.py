@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedaqt.config import ConfigError, RunConfig
-from fedaqt.plugins import (algorithm_names, get_algorithm_class, get_strategy_plugin, get_workload_class,
+from fedaqt.plugins import (algorithm_names, check_options, get_algorithm_class, get_strategy_plugin, get_workload_class,
                             strategy_names, workload_names)
 from fedaqt.report.rundir import RunDir
 
@@ -39,6 +39,7 @@ def preflight(config: RunConfig) -> RunConfig:
     """
     config.validate(known_workloads=workload_names(), known_strategies=strategy_names(),
                     known_algorithms=algorithm_names())
+    check_options(config)  # every -o key declared by core/workload/strategy/algorithm, every value in range
     plugin = get_strategy_plugin(config.strategy)
     algorithm = get_algorithm_class(config.algorithm)
     if plugin.upload not in ("", algorithm.upload):
