@@ -63,7 +63,8 @@ def migrate_legacy(values: dict[str, Any], source: str = "config", workload: str
         workload: the workload the values are for (default: ``values["workload"]``, else ``"asr"``).
 
     Raises:
-        ConfigError: ``options`` is not a table while a value must move into it.
+        ConfigError: a value of the wrong type for the old field (naming the key and ``source``), or ``options``
+            is not a table while a value must move into it.
     """
     values = {k.replace("-", "_"): v for k, v in values.items()}
     legacy = {k: values.pop(k) for k in list(values) if k in LEGACY_OPTION_KEYS}
@@ -75,6 +76,8 @@ def migrate_legacy(values: dict[str, Any], source: str = "config", workload: str
     moved = {}
     for key, value in legacy.items():
         default = LEGACY_OPTION_KEYS[key]
+        # the old field's type check (naming the key and the file); the workload's Options checks the range later
+        value = _coerce(key, value, default, f" in {source}")
         if value == default and type(value) is type(default):
             continue
         moved[key] = value

@@ -99,12 +99,13 @@ def test_unknown_keys_and_wrong_types_name_the_key_and_file(tmp_path, text, key)
     ],
 )
 def test_bad_values_name_the_key(values, key):
-    from fedaqt.plugins import get_algorithm_class
+    from fedaqt.plugins import check_options, get_algorithm_class
 
-    with pytest.raises(ConfigError) as e:  # a migrated top-level option (partition) is checked as it moves
+    with pytest.raises(ConfigError) as e:  # what preflight runs, in its order
         cfg = RunConfig().override(values)
         cfg.validate(known_workloads=["asr", "wrapnet"], known_strategies=["fedsgd", "fedavg"],
                      known_algorithms=["fedsgd", "fedavg"])
+        check_options(cfg)  # a migrated top-level option (partition) is checked by its workload's Options
         get_algorithm_class(cfg.algorithm).validate(cfg)  # what the algorithm requires (FedSGD: local_steps=1)
     assert key in str(e.value)
 

@@ -50,7 +50,7 @@ def no_ray(monkeypatch):
     import flwr.simulation
     import ray
 
-    import fedaqt.sim.runner as sim_runner
+    import fedaqt.launch.runner as sim_runner
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start on bad input"))
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("no simulation on bad input"))
@@ -266,7 +266,7 @@ def test_a_key_two_owners_declare_needs_one_type(monkeypatch):
     def with_options(model):
         def get(name):
             plug = real(name)
-            return registry.StrategyPlugin(plug.factory, plug.algorithm, plug.description, model) if name == "fedavgm" else plug
+            return registry.StrategyPlugin(plug.factory, plug.upload, plug.description, model) if name == "fedavgm" else plug
         return get
 
     class SameType(BaseOptions):
@@ -362,19 +362,30 @@ def test_old_config_json_is_migrated_into_options(tmp_path, caplog):
     assert resolve_config(None, str(p), {}) == RunConfig()
 
 
-def test_old_wrapnet_config_keeps_its_partition_and_drops_asr_settings(tmp_path):
+def test_old_wrapnet_config_keeps_its_partition_and_refuses_asr_settings(tmp_path):
+    """Legacy top-level keys move into options (config.py knows no plugins); the workload's Options then accepts
+    its own (partition, alpha) and refuses what it never had (model_size), naming the key and the workload."""
+    from fedaqt.plugins import check_options
+
     p = tmp_path / "config.json"
     p.write_text(json.dumps(_old_config(workload="wrapnet", strategy="fedavg", algorithm="fedavg", partition="dirichlet",
-                                        alpha=0.3, model_size="small", options={"width": 0.0625})))
+                                        alpha=0.3, options={"width": 0.0625})))
     cfg = resolve_config(None, str(p), {})
-    assert cfg.options == {"width": 0.0625, "partition": "dirichlet", "alpha": 0.3}  # wrapnet ignored model_size before too
+    assert cfg.options == {"width": 0.0625, "partition": "dirichlet", "alpha": 0.3}
+    check_options(cfg)
+    p.write_text(json.dumps(_old_config(workload="wrapnet", strategy="fedavg", algorithm="fedavg", model_size="small")))
+    with pytest.raises(ConfigError, match="unknown option 'model_size'.*workload wrapnet"):
+        check_options(resolve_config(None, str(p), {}))
     p.write_text(json.dumps(_old_config(workload="wrapnet", partition="label")))
-    with pytest.raises(ConfigError, match="option partition='label' \\(workload wrapnet\\).*config.json"):
+    with pytest.raises(ConfigError, match="option partition='label' \\(workload wrapnet\\)"):
+        check_options(resolve_config(None, str(p), {}))
+    p.write_text(json.dumps(_old_config(workload="wrapnet", real_eval="maybe")))
+    with pytest.raises(ConfigError, match="real_eval.*config.json"):  # the old field's type, naming the file
         resolve_config(None, str(p), {})
 
 
 def test_cli_run_config_of_an_old_run_reaches_preflight_migrated(tmp_path, monkeypatch):
-    import fedaqt.sim.runner as sim_runner
+    import fedaqt.launch.runner as sim_runner
     from fedaqt.cli import app
 
     seen = {}
