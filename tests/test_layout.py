@@ -167,8 +167,8 @@ def test_fedaqt_run_preflights_once_and_run_experiment_on_its_own(tmp_path, monk
 
 
 def test_profile_rejects_a_bad_workload_setting_before_any_process(monkeypatch):
-    """``fedaqt profile --model-size huge``: the ASR workload's own model builder names the value; the error comes
-    from the parent (exit code 2), no client round is started."""
+    """``fedaqt profile --model-size huge``: the ASR workload's typed options name the key, the value and the
+    allowed sizes; the error comes from the parent (exit code 2), no client round is started."""
     if not (ROOT / "data" / "speech" / "manifest.json").exists() and not (ROOT / "data" / "speech").is_dir():
         pytest.skip("default speech corpus missing (scripts/setup.sh)")
     import fedaqt.launch.profile as profile
@@ -178,5 +178,7 @@ def test_profile_rejects_a_bad_workload_setting_before_any_process(monkeypatch):
     monkeypatch.setattr(profile, "run_in_fresh_process", lambda spec: started.append(spec) or {})
     result = CliRunner().invoke(app, ["profile", "--model-size", "huge", "--bits", "4", "--uplink-bits", "8"])
     assert result.exit_code == 2, result.output
-    assert "huge" in result.output and "tiny, small, large" in result.output and "Traceback" not in result.output
+    out = result.output
+    assert "model_size='huge'" in out and all(f"'{s}'" in out for s in ("tiny", "small", "large")), out
+    assert "Traceback" not in out
     assert started == []
