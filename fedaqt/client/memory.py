@@ -115,10 +115,9 @@ def profiling_requested(config: Any, force: bool = False) -> bool:
     """
     if force:
         return True
-    opt = getattr(config, "options", {}).get("profile_memory", False)
-    if isinstance(opt, str):
-        opt = opt.strip().lower() in ("1", "true", "yes", "on")
-    return bool(opt) or bool(getattr(config, "device_profile", ""))
+    from fedaqt.options import core_options
+
+    return core_options(config).profile_memory or bool(getattr(config, "device_profile", ""))
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -30,7 +30,6 @@ from fedaqt.report.memory_table import add_ratios, rich_table, write_outputs
 
 PROFILE_BITS = (32, 16, 8, 4)
 PROFILE_UPLINK_BITS = (32, 16, 8)
-PROFILE_ALGORITHMS = ("fedsgd", "fedavg")
 
 
 def _categories() -> list[str]:
@@ -186,7 +185,7 @@ def profile_command(
     workload: str = typer.Option("asr", help="workload name"),
     bits: str = typer.Option("32,16,8,4", help="client weight bit-widths, comma separated: 32, 16 (float16 model), 8, 4"),
     uplink_bits: str = typer.Option("32,8", "--uplink-bits", help="upload encodings, comma separated: 32, 16, 8"),
-    algorithm: str = typer.Option("fedsgd", help="client algorithms, comma separated: fedsgd, fedavg"),
+    algorithm: str = typer.Option("fedsgd", help="client algorithms, comma separated (any registered: fedsgd, fedavg, ...)"),
     checkpointing: str = typer.Option("on", help="gradient checkpointing, comma separated: on, off"),
     batch_size: int = typer.Option(2, help="client batch size (the dissertation used 2)"),
     model_size: Optional[str] = typer.Option(None, help="workload option model_size (asr: tiny, small, large ~36.5M parameters; default large for a workload that has the option)"),
@@ -207,7 +206,9 @@ def profile_command(
     try:
         bits_l = parse_int_list(bits, "--bits", PROFILE_BITS)
         up_l = parse_int_list(uplink_bits, "--uplink-bits", PROFILE_UPLINK_BITS)
-        alg_l = parse_str_list(algorithm, "--algorithm", PROFILE_ALGORITHMS)
+        from fedaqt.plugins import algorithm_names
+
+        alg_l = parse_str_list(algorithm, "--algorithm", algorithm_names())
         ck_l = parse_onoff_list(checkpointing)
     except typer.BadParameter as exc:
         console.print(f"[bold red]error:[/] {exc}")
@@ -240,10 +241,16 @@ def profile_command(
         base = RunConfig(workload=workload, batch_size=batch_size, local_steps=local_steps,
                          granularity=granularity, seed=seed, options=options, out=str(out))
         # every option checked by its owner's typed model (model_size, data_dir, ... by the workload's Options)
-        probe_cfg = base.override({"algorithm": "fedavg" if local_steps > 1 else "fedsgd",
-                                   "local_steps": local_steps if local_steps > 1 else 1})
-        probe_cfg.validate(known_workloads=workload_names())
-        check_options(probe_cfg)
+        from fedaqt.plugins import get_algorithm_class
+
+        steps_of: dict[str, int] = {}
+        for a in alg_l:  # each algorithm's own rules and options (FedSGD: one batch whatever --local-steps says)
+            cls = get_algorithm_class(a)
+            steps_of[a] = local_steps if cls.num_batches(base.override({"local_steps": local_steps})) > 1 else 1
+            probe_cfg = base.override({"algorithm": a, "local_steps": steps_of[a]})
+            probe_cfg.validate(known_workloads=workload_names())
+            check_options(probe_cfg)
+            cls.validate(probe_cfg)
         # through the workload itself (no per-workload special case): its data are present and its model builds
         # with these settings (e.g. ASR's model_size), here, before any process starts
         probe = get_workload_class(workload)(base)
@@ -255,7 +262,7 @@ def profile_command(
         raise typer.Exit(code=2)
     combos = [
         {"bits": b, "uplink_bits": u, "algorithm": a, "checkpointing": c,
-         "local_steps": local_steps if a == "fedavg" else 1}
+         "local_steps": steps_of[a]}
         for b, u, a, c in itertools.product(bits_l, up_l, alg_l, ck_l)
     ]
     model_size = str(options.get("model_size", "")) or "-"
