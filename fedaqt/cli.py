@@ -14,7 +14,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated quantized training simulation (Flower + Ray).")
 data_app = typer.Typer(no_args_is_help=True, help="Build or inspect datasets.")
-plugins_app = typer.Typer(no_args_is_help=True, help="Registered workloads and strategies.")
+plugins_app = typer.Typer(no_args_is_help=True, help="Registered workloads, strategies and client algorithms, and their options.")
 app.add_typer(data_app, name="data")
 app.add_typer(plugins_app, name="plugins")
 console = Console()

@@ -83,11 +83,17 @@ def _entry_points(group: str) -> dict[str, list[EntryPoint]]:
     return out
 
 
-def _resolve(group: str, name: str, kind: str) -> tuple[Any, str] | None:
-    """(loaded object, source distribution) for ``name`` in ``group``; None when not registered there."""
+def _resolve(group: str, name: str, kind: str, builtin: bool = False) -> tuple[Any, str] | None:
+    """(loaded object, source distribution) for ``name`` in ``group``; None when not registered there.
+
+    ``builtin``: ``name`` is also one of fedaqt's built-ins. Another package's entry point of that name is then a
+    clash too, even where fedaqt's own entry points are missing (an install older than the group)."""
     eps = _entry_points(group).get(name)
     if not eps:
         return None
+    if builtin and all(_dist_name(e) != "fedaqt" for e in eps):
+        owners = ", ".join(["fedaqt (built-in)"] + sorted(_dist_name(e) for e in eps))
+        raise PluginLoadError(f"{kind} {name!r} is registered by several packages ({owners}); uninstall all but one")
     if len(eps) > 1:
         owners = ", ".join(sorted(_dist_name(e) for e in eps))
         raise PluginLoadError(f"{kind} {name!r} is registered by several packages ({owners}); uninstall all but one")
@@ -131,7 +137,7 @@ def get_workload_class(name: str) -> type:
         UnknownPluginError: not registered (the message lists the known workloads).
         PluginLoadError: registered but ambiguous, failing to import, or not a Workload subclass.
     """
-    found = _resolve(WORKLOAD_GROUP, name, "workload")
+    found = _resolve(WORKLOAD_GROUP, name, "workload", builtin=name in _BUILTIN_WORKLOADS)
     if found is not None:
         return _check_workload(name, *found)
     if name in _BUILTIN_WORKLOADS:
@@ -162,7 +168,7 @@ def get_algorithm_class(name: str) -> type:
         PluginLoadError: registered but ambiguous, failing to import, not a ClientAlgorithm subclass, or with an
             ``upload`` other than "gradient"/"delta".
     """
-    found = _resolve(ALGORITHM_GROUP, name, "algorithm")
+    found = _resolve(ALGORITHM_GROUP, name, "algorithm", builtin=name in _BUILTIN_ALGORITHMS)
     if found is not None:
         return _check_algorithm(name, *found)
     if name in _BUILTIN_ALGORITHMS:
@@ -182,7 +188,7 @@ def get_strategy_plugin(name: str) -> Any:
     """
     from fedaqt.strategies.registry import BUILTIN_STRATEGIES, as_strategy_plugin
 
-    found = _resolve(STRATEGY_GROUP, name, "strategy")
+    found = _resolve(STRATEGY_GROUP, name, "strategy", builtin=name in BUILTIN_STRATEGIES)
     if found is not None:
         obj, source = found
         try:
@@ -294,6 +300,26 @@ def option_owners(config: Any) -> list[tuple[str, type[BaseModel]]]:
     return owners
 
 
+def _other_owners(key: str, config: Any) -> list[str]:
+    """``["strategy fedprox (--strategy fedprox)", ...]``: registered plugins not used by ``config`` that declare
+    option ``key`` (a hint for an unknown key; plugins that fail to load are skipped)."""
+    found = []
+    kinds = (("workload", "workload", workload_names, get_workload_class),
+             ("strategy", "strategy", strategy_names, get_strategy_plugin),
+             ("algorithm", "algorithm", algorithm_names, get_algorithm_class))
+    for kind, flag, names, get in kinds:
+        for name in names():
+            if name == getattr(config, kind):
+                continue
+            try:
+                model = getattr(get(name), "Options", None)
+            except Exception:  # noqa: BLE001 - a hint only
+                continue
+            if key in (getattr(model, "model_fields", None) or {}):
+                found.append(f"{kind} {name} (--{flag} {name})")
+    return found
+
+
 def _model_of(obj: Any, kind: str, name: str) -> type[BaseModel]:
     if obj is None:
         return NoOptions
@@ -332,6 +358,9 @@ def check_options(config: Any) -> dict[str, BaseModel]:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(declared), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
+        elsewhere = _other_owners(str(key), config)
+        if elsewhere:
+            hint += f"; {key!r} is an option of {' and '.join(elsewhere)}, not selected in this run"
         listing = "; ".join(f"{owner}: {', '.join(model.model_fields) or '(none)'}" for owner, model in owners)
         more = f" (also unknown: {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
         raise ConfigError(f"unknown option {key!r}{more}{hint}; allowed options: {listing}")

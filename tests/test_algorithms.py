@@ -124,6 +124,7 @@ def test_fedsgd_rejects_local_steps_through_the_algorithm():
     ({"weight_decay": float("inf")}, "weight_decay", "inf"),
     ({"stochastic_rounding": "maybe"}, "stochastic_rounding", "maybe"),
     ({"local_epochs": 2.5}, "local_epochs", "2.5"),
+    ({"local_epochs": 10**9}, "local_epochs", "1000000000"),  # every epoch's batches are built up front: bounded
 ])
 def test_bad_fedavg_options_name_key_value_and_range(options, key, value):
     with pytest.raises(ConfigError) as e:

@@ -454,3 +454,17 @@ def test_presets_hold_no_top_level_workload_settings():
         assert not set(raw) & set(LEGACY_OPTION_KEYS), name
     assert resolve_config("wrapnet-fmnist", None, {}).options["partition"] == "iid"
     assert resolve_config("smoke", None, {}).options["real_eval"] is False
+
+
+def test_unknown_key_of_an_unselected_plugin_names_that_plugin():
+    """``-o proximal_mu=0.1`` with strategy fedsgd, ``-o momentum=0.5`` with algorithm fedsgd: still refused, and the
+    message says which registered plugin declares the key and how to select it."""
+    from fedaqt.plugins import check_options
+
+    with pytest.raises(ConfigError, match="'proximal_mu' is an option of strategy fedprox \\(--strategy fedprox\\)"):
+        check_options(RunConfig(options={"proximal_mu": 0.1}))
+    with pytest.raises(ConfigError, match="'momentum' is an option of algorithm fedavg \\(--algorithm fedavg\\)"):
+        check_options(RunConfig(options={"momentum": 0.5}))
+    with pytest.raises(ConfigError) as e:
+        check_options(RunConfig(options={"no_such_key_anywhere": 1}))
+    assert "is an option of" not in str(e.value)

@@ -187,6 +187,20 @@ def test_broken_and_clashing_plugins_are_clear_errors(tmp_path, monkeypatch):
     assert rows[("asr", "workload")].source == "fedaqt"
 
 
+@pytest.mark.parametrize("group, name, get", [
+    ("fedaqt.algorithms", "fedavg", "get_algorithm_class"),
+    ("fedaqt.workloads", "asr", "get_workload_class"),
+    ("fedaqt.strategies", "relay", "get_strategy_plugin"),
+])
+def test_a_plugin_cannot_shadow_a_builtin_name(tmp_path, monkeypatch, group, name, get):
+    """Another package registering a built-in name is a clash naming both, whether or not fedaqt's own entry
+    points are installed (an editable install older than a group falls back to the built-in table)."""
+    _fake_dist(tmp_path, "shadow-plugin", f"[{group}]\n{name} = json:dumps\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(plugins.PluginLoadError, match=f"{name}.*several packages.*fedaqt.*shadow-plugin"):
+        getattr(plugins, get)(name)
+
+
 def test_readme_shows_the_tested_example():
     readme = (ROOT / "README.md").read_text()
     code = (EXAMPLE / "fedaqt_example_plugin" / "__init__.py").read_text().rstrip("\n")

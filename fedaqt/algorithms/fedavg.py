@@ -17,7 +17,7 @@ from fedaqt.quant.quantize import dequantize
 class FedAvgOptions(BaseOptions):
     """``-o KEY=VALUE`` options of ``--algorithm fedavg``."""
 
-    local_epochs: int = Field(0, ge=0, description="passes over the client's own partition per round (0 = --local-steps batches)")
+    local_epochs: int = Field(0, ge=0, le=100, description="passes over the client's own partition per round (0 = --local-steps batches; at most 100: every epoch's batches are built before training)")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="client SGD momentum (torch.optim.SGD: dampening 0, no Nesterov)")
     weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="client SGD L2 weight decay (torch.optim.SGD, all parameters)")
     stochastic_rounding: Union[Literal["auto"], bool] = Field(
