@@ -45,3 +45,21 @@ def test_failed_client_reply_carries_the_frame(toy_registered):
         clients = pd.read_csv(Path(d) / "clients.csv")
     err = clients[clients.client_id == 1].error.iloc[0]
     assert err.startswith("JSONDecodeError: ") and re.search(r"\(at \w+\.py:\d+ in \w+\)$", err), err
+
+
+def test_error_text_names_the_callers_frame_not_a_librarys():
+    """An exception raised inside an installed library (pydantic validating a plugin's bad value) names the
+    innermost frame of our/the plugin's code, where the bad value came from."""
+    from pydantic import BaseModel
+
+    class M(BaseModel):
+        x: int
+
+    def _plugin_code():
+        return M(x="not an int")
+
+    try:
+        _plugin_code()
+    except Exception as exc:  # noqa: BLE001
+        text = error_text(exc)
+    assert re.search(r"\(at test_client_error\.py:\d+ in _plugin_code\)$", text), text

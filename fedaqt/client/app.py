@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sysconfig
 import traceback
 from typing import Any, Iterator
 
@@ -115,12 +116,16 @@ def _counted(decoded: Iterator[tuple[str, Any]], probe: MemoryProbe, released: A
 
 
 def error_text(exc: BaseException, limit: int = 400) -> str:
-    """``"Type: message (at file.py:123 in func)"`` naming the innermost traceback frame; at most ``limit``
-    characters (the message is cut, the location kept)."""
+    """``"Type: message (at file.py:123 in func)"`` naming the innermost traceback frame outside installed
+    libraries (site-packages / the standard library: a plugin's own line rather than pydantic's), or the innermost
+    frame when every frame is a library's; at most ``limit`` characters (the message is cut, the location kept)."""
     where = ""
     tb = traceback.extract_tb(exc.__traceback__)
     if tb:
-        f = tb[-1]
+        libs = tuple(p for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                 sysconfig.get_paths()["stdlib"]} if p)
+        own = [f for f in tb if not os.path.abspath(f.filename).startswith(libs) and "site-packages" not in f.filename]
+        f = (own or tb)[-1]
         where = f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name})"
     head = f"{type(exc).__name__}: {exc}"
     room = max(20, limit - len(where))
