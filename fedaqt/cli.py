@@ -122,6 +122,11 @@ def run(
         except RuntimeError:  # the run stopped: run_experiment printed one line with the cause and --resume
             raise typer.Exit(code=1) from None
     _print_summary(summary, cfg.out)
+    if summary.get("rounds_completed", 0) and not summary.get("client_status_counts", {}).get("ok"):
+        counts = ", ".join(f"{k}: {v}" for k, v in summary.get("client_status_counts", {}).items())
+        console.print(f"[bold red]error:[/] no client update was accepted in any round ({counts}); the global model "
+                      f"is the initial one. See the error column of {cfg.out}/clients.csv")
+        raise typer.Exit(code=1)
 
 
 def _cell(v) -> str:
@@ -227,6 +232,12 @@ def plugins_show(name: str = typer.Argument(..., help="a workload, strategy or c
     if name == "core":
         entries = [("core", "fedaqt", "options of fedaqt's server and clients, whatever the plugins", CoreOptions), *entries]
     if not entries:
+        from fedaqt.config import list_presets, preset_path
+
+        if name in list_presets():  # a preset is a named configuration: show its file
+            console.print(f"[bold]{name}[/] (preset, from fedaqt): {preset_path(name)}")
+            console.print(preset_path(name).read_text(), markup=False, highlight=False)
+            return
         from fedaqt.plugins import known_plugin_names
 
         _fail(f"unknown plugin {name!r}; known names: core, {', '.join(known_plugin_names())}")

@@ -355,7 +355,10 @@ def resolve_config(preset: str | None, config_file: str | None, cli: dict[str, A
         if "options" in values and isinstance(values["options"], dict):
             values["options"] = {**cfg.options, **values["options"]}
         cfg = cfg.override(values, source=source)
-    return cfg.override({k: v for k, v in cli.items() if v is not None}, source="command-line options")
+    given = {k: v for k, v in cli.items() if v is not None}
+    if isinstance(given.get("options"), dict):  # merged key by key like the file layers (the command line wins)
+        given["options"] = {**cfg.options, **given["options"]}
+    return cfg.override(given, source="command-line options")
 
 
 def resolve_resume_config(run_dir: str | Path, cli: dict[str, Any]) -> RunConfig:

@@ -219,3 +219,10 @@ def test_saved_config_is_json_of_every_field(tmp_path):
     RunConfig().save(tmp_path / "config.json")
     data = json.loads((tmp_path / "config.json").read_text())
     assert set(data) == set(RunConfig.field_names())
+
+
+def test_resolve_config_merges_command_line_options_with_the_preset_and_file(tmp_path):
+    f = tmp_path / "o.toml"
+    f.write_text("[options]\ndropout = 0.2\n")
+    cfg = resolve_config("smoke", str(f), {"options": {"eval_max": 4}})
+    assert cfg.options["eval_max"] == 4 and cfg.options["dropout"] == 0.2 and cfg.options["model_size"] == "tiny"

@@ -73,3 +73,17 @@ def test_bad_values_leave_an_earlier_run_untouched(tmp_path, args, monkeypatch):
     assert result.exit_code == 2, result.output
     assert (out / "rounds.csv").read_text() == "round\n1\n"
     assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("counts, code", [({"error": 4}, 1), ({"ok": 3, "error": 1}, 0)])
+def test_a_run_in_which_no_client_update_was_accepted_exits_nonzero(tmp_path, monkeypatch, counts, code):
+    """Every round finished but no reply was aggregated (all clients errored): the global model is the initial one,
+    so ``fedaqt run`` says so and exits 1 instead of reporting success."""
+    import fedaqt.launch.runner as launch_runner
+
+    monkeypatch.setattr(launch_runner, "preflight", lambda cfg: cfg)
+    monkeypatch.setattr(launch_runner, "run_experiment", lambda cfg, **kw: {
+        "rounds_completed": 2, "client_status_counts": counts, "participation_rate": counts.get("ok", 0) / 4})
+    res = runner.invoke(app, ["run", "--preset", "smoke", "--out", str(tmp_path / "r")])
+    assert res.exit_code == code, res.output
+    assert ("no client update was accepted" in res.output) == (code == 1)
