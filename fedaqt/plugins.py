@@ -130,6 +130,17 @@ def _check_workload(name: str, obj: Any, source: str) -> type:
     return obj
 
 
+def _get_class(group: str, builtins: dict[str, str], name: str, kind: str, names: Any, check: Any) -> type:
+    """``name``'s registered class in ``group`` (an entry point, else fedaqt's built-in), checked by
+    ``check(name, obj, source)``. Raises UnknownPluginError listing ``names()``; PluginLoadError from the checks."""
+    found = _resolve(group, name, kind, builtin=name in builtins)
+    if found is not None:
+        return check(name, *found)
+    if name in builtins:
+        return check(name, _load_ref(builtins[name]), "fedaqt")
+    raise UnknownPluginError(f"unknown {kind} {name!r}; known {kind}s: {', '.join(names())}")
+
+
 def get_workload_class(name: str) -> type:
     """The Workload subclass registered as ``name``.
 
@@ -137,12 +148,7 @@ def get_workload_class(name: str) -> type:
         UnknownPluginError: not registered (the message lists the known workloads).
         PluginLoadError: registered but ambiguous, failing to import, or not a Workload subclass.
     """
-    found = _resolve(WORKLOAD_GROUP, name, "workload", builtin=name in _BUILTIN_WORKLOADS)
-    if found is not None:
-        return _check_workload(name, *found)
-    if name in _BUILTIN_WORKLOADS:
-        return _check_workload(name, _load_ref(_BUILTIN_WORKLOADS[name]), "fedaqt")
-    raise UnknownPluginError(f"unknown workload {name!r}; known workloads: {', '.join(workload_names())}")
+    return _get_class(WORKLOAD_GROUP, _BUILTIN_WORKLOADS, name, "workload", workload_names, _check_workload)
 
 
 def _check_algorithm(name: str, obj: Any, source: str) -> type:
@@ -168,12 +174,7 @@ def get_algorithm_class(name: str) -> type:
         PluginLoadError: registered but ambiguous, failing to import, not a ClientAlgorithm subclass, or with an
             ``upload`` other than "gradient"/"delta".
     """
-    found = _resolve(ALGORITHM_GROUP, name, "algorithm", builtin=name in _BUILTIN_ALGORITHMS)
-    if found is not None:
-        return _check_algorithm(name, *found)
-    if name in _BUILTIN_ALGORITHMS:
-        return _check_algorithm(name, _load_ref(_BUILTIN_ALGORITHMS[name]), "fedaqt")
-    raise UnknownPluginError(f"unknown algorithm {name!r}; known algorithms: {', '.join(algorithm_names())}")
+    return _get_class(ALGORITHM_GROUP, _BUILTIN_ALGORITHMS, name, "algorithm", algorithm_names, _check_algorithm)
 
 
 def get_strategy_plugin(name: str) -> Any:

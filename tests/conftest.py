@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +42,28 @@ def toy_registered(monkeypatch):
 
     monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "toy", "toy:ToyWorkload")
     monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, "wide", "test_budget:WideWorkload")
+
+
+# ---------------------------------------------------------------------------------------------- example plugin
+@pytest.fixture(scope="session")
+def example_site(tmp_path_factory) -> Path:
+    """The example plugin installed (pip, offline, no deps) into a fresh site directory of its own."""
+    work = tmp_path_factory.mktemp("example-plugin")
+    src = work / "src"
+    shutil.copytree(ROOT / "examples" / "fedaqt-example-plugin", src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = work / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "--target", str(site), str(src)],
+        check=True, capture_output=True, timeout=300,
+    )
+    assert list(site.glob("fedaqt_example_plugin-*.dist-info"))
+    return site
+
+
+@pytest.fixture
+def with_example(example_site, monkeypatch) -> Path:
+    monkeypatch.syspath_prepend(str(example_site))
+    yield example_site
+    for mod in [m for m in sys.modules if m.startswith("fedaqt_example_plugin")]:
+        del sys.modules[mod]

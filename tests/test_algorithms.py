@@ -436,29 +436,6 @@ def ref_quantize_pair(w, bits):
 
 
 # ============================================================================================== third-party algorithm
-@pytest.fixture(scope="module")
-def example_site(tmp_path_factory) -> Path:
-    """The example plugin installed (pip, offline, no deps) into a fresh site directory of its own."""
-    work = tmp_path_factory.mktemp("example-plugin-algo")
-    src = work / "src"
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = work / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--target", str(site), str(src)],
-        check=True, capture_output=True, timeout=300,
-    )
-    return site
-
-
-@pytest.fixture
-def with_example(example_site, monkeypatch):
-    monkeypatch.syspath_prepend(str(example_site))
-    yield example_site
-    for mod in [m for m in sys.modules if m.startswith("fedaqt_example_plugin")]:
-        del sys.modules[mod]
-
-
 def test_example_algorithm_is_found_and_its_step_matches_plain_torch(with_example):
     """The installed plugin's ``localprox``: w -= lr (g + mu (w - w_0)) per step, checked at 32 bits against a plain
     torch loop; its ``prox_sq_dist`` metric equals the reference's mean ||w_t - w_0||^2."""

@@ -31,30 +31,6 @@ def _spec(upload: str = "gradient") -> BroadcastSpec:
                          update_kind=upload or "gradient")
 
 
-@pytest.fixture(scope="module")
-def example_site(tmp_path_factory) -> Path:
-    """The example plugin installed (pip, offline, no deps) into a fresh site directory of its own."""
-    work = tmp_path_factory.mktemp("example-plugin")
-    src = work / "src"
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = work / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--target", str(site), str(src)],
-        check=True, capture_output=True, timeout=300,
-    )
-    assert list(site.glob("fedaqt_example_plugin-*.dist-info"))
-    return site
-
-
-@pytest.fixture
-def with_example(example_site, monkeypatch) -> Path:
-    monkeypatch.syspath_prepend(str(example_site))
-    yield example_site
-    for mod in [m for m in sys.modules if m.startswith("fedaqt_example_plugin")]:
-        del sys.modules[mod]
-
-
 def _env(site: Path) -> dict[str, str]:
     env = dict(os.environ, COLUMNS="250", FLWR_TELEMETRY_ENABLED="0")
     env["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
