@@ -19,7 +19,7 @@ dataset's channel mean/std and optionally resized (``-o image_size``, bilinear).
 :func:`fedaqt.data.partition.partition_indices`).
 
 Metrics (``rounds.csv``): ``eval_loss`` and ``eval_accuracy`` of the server's float model on a fixed test subset
-(``-o eval_size``, default 2000 images); with ``--bits 8/4`` also ``eval_accuracy_client``: the clients' model
+(``-o eval_size``, default 1000 images); with ``--bits 8/4`` also ``eval_accuracy_client``: the clients' model
 (the float model converted to native quantized layers, weights re-quantized with fresh max-abs scales, int8
 activations) on the same images. ``-o eval_local_len`` evaluates the LSA mixers at another local length (Table
 4.7's test M; 0 = the trained one).
@@ -70,7 +70,7 @@ class MetaFormerOptions(PartitionOptions):
                                           "cifar-10-batches-bin (or its parent)")
     image_size: int = Field(0, ge=0, le=512, description="resize images to this side (0 = native: 28 or 32)")
     train_size: int = Field(0, ge=0, description="use only this many training images (0 = all)")
-    eval_size: int = Field(2000, ge=1, description="test images used by evaluate (a fixed subset)")
+    eval_size: int = Field(1000, ge=1, description="test images used by evaluate (a fixed subset of the test split)")
     eval_client: bool = Field(True, description="with --bits 8/4 also score the clients' quantized model")
     eval_local_len: int = Field(0, ge=0, description="evaluate LSA at this local length (0 = the trained one)")
 
