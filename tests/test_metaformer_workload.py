@@ -186,13 +186,29 @@ def test_score_matches_a_direct_count_and_eval_local_len_is_restored():
 @needs_fmnist
 @pytest.mark.slow
 def test_metaformer_ray_run_reports_accuracy(tmp_path):
-    from fedaqt.launch.runner import run_experiment
+    """``fedaqt run --workload metaformer`` on Ray in its own process group (isolated from this process's Ray)."""
+    import signal
+    import subprocess
+    import sys
 
-    cfg = RunConfig(workload="metaformer", strategy="fedsgd", algorithm="fedsgd", bits=8, num_clients=3,
-                    clients_per_round=2, rounds=2, batch_size=4, out=str(tmp_path / "run"), num_cpus=2,
-                    options={"train_size": 300, "eval_size": 50, "partition": "dirichlet", "alpha": 0.5})
-    run_experiment(cfg)
-    rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    out = tmp_path / "run"
+    args = [str(Path(sys.executable).parent / "fedaqt"), "run", "--workload", "metaformer", "--bits", "8",
+            "--num-clients", "3", "--clients-per-round", "2", "--rounds", "2", "--batch-size", "4",
+            "--partition", "dirichlet", "--alpha", "0.5", "--num-cpus", "2", "--out", str(out),
+            "-o", "train_size=300", "-o", "eval_size=50"]
+    proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        raise AssertionError(f"fedaqt run timed out:\n{log[-4000:]}")
+    assert proc.returncode == 0, log[-4000:]
+    rounds = pd.read_csv(out / "rounds.csv")
     assert len(rounds) == 2 and rounds["eval_accuracy"].notna().all() and rounds["eval_accuracy_client"].notna().all()
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert "final_eval_accuracy" in summary
