@@ -34,6 +34,7 @@ ALGORITHM_GROUP = "fedaqt.algorithms"
 _BUILTIN_WORKLOADS = {
     "asr": "fedaqt.workloads.asr:ASRWorkload",
     "wrapnet": "fedaqt.workloads.wrapnet:WrapNetWorkload",
+    "metaformer": "fedaqt.workloads.metaformer:MetaFormerWorkload",
 }
 _BUILTIN_ALGORITHMS = {
     "fedsgd": "fedaqt.algorithms.fedsgd:FedSGD",
