@@ -214,6 +214,9 @@ def options_for(model_cls: type[BaseModel], options: dict[str, Any] | None, owne
         loc = err.get("loc") or ()
         key = str(loc[0]) if loc else ""
         if key in picked:
+            if err.get("type") == "value_error":  # a field validator's own message names the rule
+                reason = str((err.get("ctx") or {}).get("error") or err.get("msg", ""))
+                raise ConfigError(f"option {key}={_fmt_value(picked[key])} ({owner}) is not allowed: {reason}") from None
             raise _bad(model_cls, key, picked[key], owner) from None
         raise ConfigError(f"options of {owner} are not allowed: {err.get('msg', exc)}") from None
 

@@ -468,3 +468,30 @@ def test_unknown_key_of_an_unselected_plugin_names_that_plugin():
     with pytest.raises(ConfigError) as e:
         check_options(RunConfig(options={"no_such_key_anywhere": 1}))
     assert "is an option of" not in str(e.value)
+
+
+def test_field_validator_message_reaches_the_user_not_the_generic_type_text():
+    """A plugin's own field validator explains the rule ("4 letters ..."); the error keeps that text instead of
+    the field's type description ("must be a string"), and still names key, value and owner."""
+    from pydantic import field_validator
+
+    from fedaqt.config import ConfigError
+    from fedaqt.options import options_for
+
+    class Opts(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        mixers: str = Field("CCLL", description="per-stage mixers")
+
+        @field_validator("mixers")
+        @classmethod
+        def _four(cls, v: str) -> str:
+            if len(v) != 4:
+                raise ValueError(f"mixers={v!r} must be 4 letters")
+            return v
+
+    with pytest.raises(ConfigError) as e:
+        options_for(Opts, {"mixers": "CCX"}, "workload toy")
+    msg = str(e.value)
+    assert "mixers='CCX'" in msg and "workload toy" in msg and "must be 4 letters" in msg
+    assert "must be a string" not in msg
+    assert options_for(Opts, {"mixers": "CCCA"}, "workload toy").mixers == "CCCA"
