@@ -381,3 +381,68 @@ def test_decode_update_rejects_bad_int4():
         decode_update(ArrayRecord({k: Array(v) for k, v in noscale.items()}), {"w": (4, 3)})
     with pytest.raises(ValueError, match="expected uplink_bits=8"):
         decode_update(ArrayRecord({k: Array(v) for k, v in good.items()}), {"w": (4, 3)}, uplink_bits=8)
+
+
+def test_profile_rows_carry_the_physical_limit_estimate():
+    from fedaqt.report.memory_table import add_ratios, rich_table
+
+    rows = [{"workload": "asr", "bits": b, "uplink_bits": u, "algorithm": "fedsgd", "checkpointing": "on",
+             "peak_mib": p, "mem_buffers_mib": 1.0, "rss_peak_mib": 1.0, "upload_mib": 1.0}
+            for b, u, p in ((32, 32, 100.0), (8, 8, 26.0), (4, 4, 15.0), (4, 8, 20.0))]
+    add_ratios(rows)
+    assert [r["limit_ratio"] for r in rows] == [1.0, 0.25, 0.125, 0.1875]  # (b_w + b_up) / 64
+    assert [round(r["ratio"], 6) for r in rows] == [1.0, 0.26, 0.15, 0.2]
+    cols = [c.header for c in rich_table(rows, "t").columns]
+    assert cols.index("limit") == cols.index("ratio") + 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(300, 260), (301, 259), (520, 131)])
+@pytest.mark.parametrize("gran", GRANS)
+def test_blocked_linear_equals_unblocked_bitwise(monkeypatch, bits, shape, gran):
+    """QuantLinear materializes at most WEIGHT_BLOCK_ELEMS weight elements in float at once; the blocks change
+    which outputs one matmul computes, not the bits (reference: the unblocked path, one block)."""
+    import fedaqt.quant.layers as L
+
+    out_f, in_f = shape
+    torch.manual_seed(4)
+    f = nn.Linear(in_f, out_f)
+    x = torch.randn(3, 11, in_f)
+    gy = torch.randn(3, 11, out_f)
+    res = []
+    for elems in (1 << 30, 128 * 128):
+        monkeypatch.setattr(L, "WEIGHT_BLOCK_ELEMS", elems)
+        q = QuantLinear.from_float(f, bits, gran, "w")
+        assert (L._block_rows(out_f, in_f) < out_f) == (elems < 1 << 30)
+        assert (L._block_rows(in_f, out_f) < in_f) == (elems < 1 << 30 and in_f > L.MIN_BLOCK)
+        res.append(_grads(q, x, gy))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("uplink", [32, 16, 8, 4])
+@pytest.mark.parametrize("in_f", [256, 129])
+def test_row_block_delivery_encodes_like_the_whole_gradient(monkeypatch, uplink, in_f):
+    """FedSGD's row-block hook (large Linear layers): the upload entry is bitwise the one of the whole gradient
+    (same values, same stochastic-rounding draws), and the layer never hands over the whole float gradient."""
+    import fedaqt.quant.layers as L
+
+    monkeypatch.setattr(L, "WEIGHT_BLOCK_ELEMS", 128 * 128)
+    torch.manual_seed(5)
+    f = nn.Linear(in_f, 600)
+    x = torch.randn(2, 9, in_f)
+    entries, sizes = [], []
+    for rows_mode in (False, True):
+        q = QuantLinear.from_float(f, 4, "channel", "w")
+        buf = UploadBuffer(uplink, torch.Generator().manual_seed(3), chunk_elems=1000)
+        if rows_mode:
+            q.set_weight_grad_hook(lambda l, g, r0: (sizes.append(g.shape[0]), buf.add_rows("w", g, r0, l.weight_shape)),
+                                   row_multiple=buf.row_multiple(tuple(q.weight_shape)))
+        else:
+            q.set_weight_grad_hook(lambda l, g: buf.add("w", g))
+        q(x).sum().backward()
+        entries.append({k: v.clone() for k, v in buf.entries["w"].items()})
+    assert len(sizes) > 1 and max(sizes) < 600 and sum(sizes) == 600
+    assert entries[0].keys() == entries[1].keys()
+    for k in entries[0]:
+        assert torch.equal(entries[0][k], entries[1][k]), k

@@ -165,6 +165,7 @@ class UploadBuffer:
         self.chunk_elems = int(chunk_elems)
         self.entries: dict[str, dict[str, torch.Tensor]] = {}
         self.shapes: dict[str, torch.Size] = {}
+        self._rows_done: dict[str, int] = {}
         self.final_code_keys: list[str] = []
 
     def __contains__(self, key: str) -> bool:
@@ -257,6 +258,83 @@ class UploadBuffer:
         self.entries[key] = enc
         if self.probe is not None:
             self.probe.mark_gradient(*enc.values())
+
+    def row_multiple(self, shape: tuple[int, ...]) -> int:
+        """Rows per encoding block of a tensor of ``shape`` (1 for float uplinks): :meth:`add_rows` blocks that are
+        multiples of it (but the last) encode exactly as :meth:`add` of the whole tensor, same random draws."""
+        if self.uplink_bits in (32, 16) or len(shape) < 2:
+            return 1
+        per_row = max(1, int(torch.Size(shape[1:]).numel()))
+        step = max(1, self.chunk_elems // per_row)
+        if self.uplink_bits == 4 and per_row % 2 and step % 2:
+            step += 1
+        return step
+
+    def add_rows(self, key: str, rows: torch.Tensor, r0: int, shape: tuple[int, ...]) -> None:
+        """Encode rows ``r0 : r0 + len(rows)`` of a tensor of ``shape`` (a row block of a weight gradient,
+        :meth:`fedaqt.quant.layers.QuantLayer.set_weight_grad_hook` with ``row_multiple=row_multiple(shape)``).
+        Blocks arrive in increasing ``r0``; when they are multiples of :meth:`row_multiple` the entry is bitwise the
+        one :meth:`add` makes of the whole tensor. A block for rows already complete (a layer used twice in one
+        backward) is added to them (decode, add, re-encode those rows; still unbiased).
+
+        Raises:
+            ValueError: ``key`` ends with ``::scale``, a block outside ``shape``, non-floating or non-finite values.
+        """
+        shape = torch.Size(shape)
+        n = int(rows.shape[0])
+        if r0 == 0 and n == shape[0] and key not in self.entries:
+            self.add(key, rows.reshape(shape))
+            return
+        if key.endswith(SCALE_SUFFIX):
+            raise ValueError(f"update key {key!r} ends with the reserved suffix {SCALE_SUFFIX!r}")
+        if len(shape) < 2 or tuple(rows.shape[1:]) != tuple(shape[1:]) or r0 < 0 or r0 + n > shape[0]:
+            raise ValueError(f"{key}: row block [{r0}:{r0 + n}] of shape {tuple(rows.shape)} does not fit "
+                             f"{tuple(shape)}")
+        if key in self.final_code_keys:
+            raise ValueError(f"{key}: already uploaded as final codes")
+        rows = rows.detach()
+        if not rows.dtype.is_floating_point:
+            raise ValueError(f"{key}: expected a floating tensor, got {rows.dtype}")
+        done = self._rows_done.get(key)
+        if key not in self.entries:
+            self.shapes[key] = shape
+            if self.uplink_bits in (32, 16):
+                dtype = torch.float32 if self.uplink_bits == 32 else torch.float16
+                entry = {key: torch.zeros(shape, dtype=dtype)}
+            else:
+                nb = shape.numel() if self.uplink_bits == 8 else packed_int4_nbytes(shape.numel())
+                entry = {key: torch.zeros(nb if self.uplink_bits == 4 else shape,
+                                          dtype=torch.uint8 if self.uplink_bits == 4 else torch.int8),
+                         key + SCALE_SUFFIX: torch.zeros((shape[0],), dtype=torch.float32)}
+            self.entries[key] = entry
+            done = self._rows_done[key] = 0
+            if self.probe is not None:
+                self.probe.mark_gradient(*entry.values())
+        if done is None or r0 < done:  # rows already complete: accumulate
+            rows = self._decode_rows(key, r0, r0 + n) + rows.to("cpu", torch.float32)
+        entry = self.entries[key]
+        if self.uplink_bits in (32, 16):
+            entry[key][r0:r0 + n] = rows.to("cpu", entry[key].dtype)
+        else:
+            enc = self._encode(key, rows)
+            per_row = int(shape[1:].numel())
+            if self.uplink_bits == 8:
+                entry[key][r0:r0 + n] = enc[key]
+            else:
+                if (r0 * per_row) % 2:
+                    raise ValueError(f"{key}: a packed int4 row block must start on a byte (row {r0})")
+                b0 = (r0 * per_row) // 2
+                entry[key][b0:b0 + enc[key].numel()] = enc[key]
+            entry[key + SCALE_SUFFIX][r0:r0 + n] = enc[key + SCALE_SUFFIX]
+            del enc
+        if done is not None and r0 >= done:
+            self._rows_done[key] = r0 + n
+            if r0 + n == shape[0]:
+                del self._rows_done[key]
+
+    def _decode_rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
+        """float32 rows ``r0:r1`` of an entry."""
+        return self.decode(key)[r0:r1]
 
     def add_zeros(self, key: str, shape: tuple[int, ...]) -> None:
         """A zero entry (a parameter that received no gradient), without a float temporary for 8 bits."""

@@ -133,6 +133,7 @@ class QuantLayer(nn.Module):
         self.weight_requires_grad = True
         self.weight_grad: Optional[torch.Tensor] = None
         self._weight_grad_hook: Optional[WeightGradHook] = None
+        self._weight_grad_rows: Optional[int] = None
         dtype = dtype or torch.get_default_dtype()
         if self.packs_codes:
             numel = int(torch.Size(weight_shape).numel())
@@ -233,20 +234,45 @@ class QuantLayer(nn.Module):
         self.scale.copy_(s.to(self.scale.dtype))
 
     # ---------------------------------------------------------------- gradient delivery
-    def set_weight_grad_hook(self, fn: Optional[WeightGradHook]) -> None:
+    def set_weight_grad_hook(self, fn: Optional[Callable], row_multiple: Optional[int] = None) -> None:
         """Install ``fn(layer, grad_w)`` to receive ``grad_w`` instead of accumulating it into ``weight_grad``.
 
         ``grad_w`` is a fresh float tensor shaped like the weight that the layer keeps no reference to (encode and
         drop it to free memory). ``fn=None`` restores accumulation.
+
+        Args:
+            fn: the hook, or None.
+            row_multiple: None = ``fn(layer, grad_w)`` with the whole gradient. An int ``m >= 1`` = row blocks:
+                ``fn(layer, rows, r0)`` with ``rows = grad_w[r0:r0 + len(rows)]``, in increasing ``r0`` covering all
+                rows once per backward, every block but the last a multiple of ``m`` rows, so that the layer never
+                holds the whole float gradient (:class:`QuantLinear` above :data:`WEIGHT_BLOCK_ELEMS` elements; the
+                other layers deliver one block, ``r0 = 0``). The blocks' values equal the whole gradient's bitwise.
+
+        Raises:
+            TypeError: ``fn`` not callable. ValueError: ``row_multiple < 1``.
         """
         if fn is not None and not callable(fn):
             raise TypeError(f"weight-grad hook must be callable or None, got {type(fn).__name__}")
+        if row_multiple is not None and (isinstance(row_multiple, bool) or int(row_multiple) < 1):
+            raise ValueError(f"row_multiple must be an int >= 1 or None, got {row_multiple!r}")
         self._weight_grad_hook = fn
+        self._weight_grad_rows = None if fn is None or row_multiple is None else int(row_multiple)
+
+    def _weight_grad_row_step(self) -> Optional[int]:
+        """Rows per delivered block (a multiple of the hook's ``row_multiple``), or None for whole gradients."""
+        m = getattr(self, "_weight_grad_rows", None)
+        if m is None or self._weight_grad_hook is None:
+            return None
+        step = _block_rows(int(self.weight_shape[0]), int(self.weight_shape[1:].numel()))
+        return -(-step // m) * m
 
     def _deliver_weight_grad(self, grad_w: torch.Tensor) -> None:
         hook = self._weight_grad_hook
         if hook is not None:
-            hook(self, grad_w)
+            if getattr(self, "_weight_grad_rows", None) is not None:
+                hook(self, grad_w, 0)
+            else:
+                hook(self, grad_w)
         elif self.weight_grad is None:
             self.weight_grad = grad_w
         else:
@@ -261,6 +287,39 @@ class QuantLayer(nn.Module):
 
 
 # =============================================================================== Linear
+#: the most weight elements a :class:`QuantLinear` materializes in float at once (forward: float codes of a block of
+#: output rows; backward: ``ŵ`` of a block of input columns); 2^18 = 1 MiB in float32. A block changes which
+#: output elements one matmul computes, never the dot product behind an element (each is the same sum over the
+#: same reduction axis), so the results equal the unblocked product (tests/test_int4_packed.py checks bitwise).
+WEIGHT_BLOCK_ELEMS = 1 << 18
+#: the fewest rows / columns per block (thin matmuls may take other BLAS kernels with another summation order)
+MIN_BLOCK = 128
+
+
+def _block_rows(rows: int, cols: int) -> int:
+    """Rows per block of a ``[rows, cols]`` weight (``>= rows``: one block), even when ``cols`` is odd so that a
+    block of packed int4 rows starts on a byte."""
+    step = max(MIN_BLOCK, WEIGHT_BLOCK_ELEMS // max(1, cols))
+    if step >= rows:
+        return rows
+    nblocks = -(-rows // step)
+    step = -(-rows // nblocks)  # balanced blocks: no thin last block
+    if cols % 2 and step % 2:
+        step += 1
+    return step
+
+
+def _code_rows(layer: "QuantLayer", stored: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """int8 codes of weight rows ``r0:r1`` of a 2-D layer, from its stored codes (a packed layer unpacks only those
+    rows' bytes; ``r0 * cols`` is even, see :func:`_block_rows`)."""
+    if not layer.packs_codes:
+        return stored[r0:r1]
+    cols = int(layer.weight_shape[1])
+    b0 = (r0 * cols) // 2
+    n = (r1 - r0) * cols
+    return unpack_int4_fast(stored[b0:b0 + packed_int4_nbytes(n)], n).reshape(r1 - r0, cols)
+
+
 class _QuantLinearFn(torch.autograd.Function):
     """y = s_x s_w (q_x @ q_w^T) + b; saves only (q_x int8, stored q_w (int8, or the packed uint8 buffer), s_x,
     s_w)."""
@@ -269,9 +328,20 @@ class _QuantLinearFn(torch.autograd.Function):
     def forward(ctx, x, stored, w_scale, bias, anchor, layer):  # type: ignore[override]
         dtype = x.dtype
         xq, sx = quantize_activation(x, ACT_BITS)
-        codes = layer.unpack_stored(stored)
-        acc = xq.to(dtype) @ codes.to(dtype).t()
-        del codes
+        out_f, in_f = layer.weight_shape
+        step = _block_rows(out_f, in_f)
+        xf = xq.to(dtype)
+        if step >= out_f:
+            codes = layer.unpack_stored(stored)
+            acc = xf @ codes.to(dtype).t()
+            del codes
+        else:  # output columns in blocks of weight rows: never the whole weight in float (same dot products)
+            acc = xf.new_empty(*xf.shape[:-1], out_f)
+            for o in range(0, out_f, step):
+                rows = _code_rows(layer, stored, o, min(o + step, out_f))
+                acc[..., o:o + rows.shape[0]] = xf @ rows.to(dtype).t()
+                del rows
+        del xf
         y = acc * (sx * w_scale.to(dtype))
         del acc
         if bias is not None:
@@ -289,16 +359,35 @@ class _QuantLinearFn(torch.autograd.Function):
         out_f, in_f = layer.weight_shape
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_hat = dequantize(layer.unpack_stored(stored), w_scale.to(dtype))
-            grad_x = grad_y @ w_hat
-            del w_hat
+            codes = layer.unpack_stored(stored)
+            step = _block_rows(in_f, out_f)
+            if step >= in_f:
+                w_hat = dequantize(codes, w_scale.to(dtype))
+                grad_x = grad_y @ w_hat
+                del w_hat
+            else:  # grad_x in blocks of input columns: ŵ[:, j0:j1] only (same dot products)
+                grad_x = grad_y.new_empty(*grad_y.shape[:-1], in_f)
+                for j in range(0, in_f, step):
+                    w_hat = dequantize(codes[:, j:j + step], w_scale.to(dtype))
+                    grad_x[..., j:j + step] = grad_y @ w_hat
+                    del w_hat
+            del codes
         gy2 = grad_y.reshape(-1, out_f)
         if layer.weight_requires_grad:
             x_hat = xq.reshape(-1, in_f).to(dtype) * sx.to(dtype)
-            grad_w = gy2.t() @ x_hat
-            del x_hat
-            layer._deliver_weight_grad(grad_w)
-            del grad_w
+            step = layer._weight_grad_row_step()
+            if step is None or step >= out_f:
+                grad_w = gy2.t() @ x_hat
+                del x_hat
+                layer._deliver_weight_grad(grad_w)
+                del grad_w
+            else:  # row blocks straight to the hook: never the whole float gradient (same dot products)
+                hook = layer._weight_grad_hook
+                for o in range(0, out_f, step):
+                    rows = gy2[:, o:o + step].t() @ x_hat
+                    hook(layer, rows, o)
+                    del rows
+                del x_hat
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = gy2.sum(0)
         return grad_x, None, None, grad_b, None, None
