@@ -291,7 +291,7 @@ class QuantLayer(nn.Module):
 #: output rows; backward: ``ŵ`` of a block of input columns); 2^18 = 1 MiB in float32. A block changes which
 #: output elements one matmul computes, never the dot product behind an element (each is the same sum over the
 #: same reduction axis), so the results equal the unblocked product (tests/test_int4_packed.py checks bitwise).
-WEIGHT_BLOCK_ELEMS = 1 << 18
+WEIGHT_BLOCK_ELEMS = 1 << 17
 #: the fewest rows / columns per block (thin matmuls may take other BLAS kernels with another summation order)
 MIN_BLOCK = 128
 
