@@ -10,11 +10,13 @@ forward + backward on the same input (one CPU thread, median of ``--repeats`` ti
 * ``int4 packed``: the native quantized layer as shipped, codes packed two per byte, unpacked transiently (once in
   forward, once in backward) per layer.
 
-Memory columns (bytes, per layer): ``held`` is what the layer keeps between rounds for its weight (float: 4 B per
-parameter; int4: codes + float32 scale); ``transient`` is the largest extra weight-sized tensor alive inside the
-layer's forward/backward (float: none; unpacked: the float dequantized weight in backward, 4 B/param; packed: the
-same plus the unpacked int8 copy, 1 B/param, freed before the layer returns). Activations and gradients are the same
-for the two int4 versions and not included. Time ratios include everything the layer does (activation
+Memory columns (KiB, per layer): ``held`` is what the layer keeps between rounds for its weight (float: 4 B per
+parameter; int4: codes + float32 scale). ``transient`` is the weight-derived temporary the quantized layer creates
+inside its forward/backward, computed from the code's structure (not measured): Conv layers materialize the whole
+float weight (4 B/param; packed: + the unpacked int8 codes, 1 B/param); ``QuantLinear`` (MHA: its largest
+projection) materializes at most ``WEIGHT_BLOCK_ELEMS`` float elements at once (packed: + the unpacked int8 codes in
+backward, 1 B/param). All are freed before the layer returns. Activations and gradients are the same for the two
+int4 versions and not included (FedSGD receives large Linear weight gradients in row blocks, not included here). Time ratios include everything the layer does (activation
 quantization, integer-valued matmuls in float32, the weight-gradient delivery).
 
 Usage: ``nice -n 10 python bench/int4_packed.py [--repeats 20] [--threads 1]``. It prints ratios; it asserts
@@ -128,10 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         tp = _time(build(f, True), x, is_mha, args.repeats)
         kib = 1024.0
         largest = max(p.numel() for n, p in f.named_parameters() if "weight" in n)
+        if isinstance(f, (nn.Linear, nn.MultiheadAttention)):
+            from fedaqt.quant.layers import WEIGHT_BLOCK_ELEMS
+
+            tr_u, tr_p = 4 * min(largest, WEIGHT_BLOCK_ELEMS), 4 * min(largest, WEIGHT_BLOCK_ELEMS) + largest
+        else:
+            tr_u, tr_p = 4 * largest, 5 * largest
         t.add_row(name, f"{numel}", f"{1e3 * tf:.2f}", f"{1e3 * tu:.2f}", f"{1e3 * tp:.2f}", f"{tp / tu:.3f}",
                   f"{tp / tf:.3f}", f"{4 * numel / kib:.0f}", f"{(numel + 4 * nscale) / kib:.0f}",
-                  f"{((numel + 1) // 2 + 4 * nscale) / kib:.0f}", f"{4 * largest / kib:.0f}",
-                  f"{5 * largest / kib:.0f}")
+                  f"{((numel + 1) // 2 + 4 * nscale) / kib:.0f}", f"{tr_u / kib:.0f}",
+                  f"{tr_p / kib:.0f}")
     console.print(t)
     return 0
 

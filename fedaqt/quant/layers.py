@@ -288,7 +288,7 @@ class QuantLayer(nn.Module):
 
 # =============================================================================== Linear
 #: the most weight elements a :class:`QuantLinear` materializes in float at once (forward: float codes of a block of
-#: output rows; backward: ``ŵ`` of a block of input columns); 2^18 = 1 MiB in float32. A block changes which
+#: output rows; backward: ``ŵ`` of a block of input columns); 2^17 = 512 KiB in float32. A block changes which
 #: output elements one matmul computes, never the dot product behind an element (each is the same sum over the
 #: same reduction axis), so the results equal the unblocked product (tests/test_int4_packed.py checks bitwise).
 WEIGHT_BLOCK_ELEMS = 1 << 17
