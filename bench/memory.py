@@ -6,7 +6,11 @@ measured with MemTracker in a fresh process (``fedaqt.launch.profile``), all in 
 * "float upload": the client uploads its gradient as a float, like the dissertation (float32; float16 for the
   float16 model);
 * "int8 upload": the gradient of every layer is encoded to int8 (unbiased stochastic rounding) as soon as it is
-  produced and the float gradient is dropped (``--uplink-bits 8``).
+  produced and the float gradient is dropped (``--uplink-bits 8``);
+* "int4 upload": the same with int4 codes packed two per byte (``--uplink-bits 4``, issue 17).
+
+Beside each measured ratio the physical-limit estimate ``(b_w + b_up) / 64`` is printed (weights at ``b_w`` bits +
+upload at ``b_up`` bits, against 32 + 32; activations, scales, float parameters and message overheads excluded).
 
 Savings and ratios are relative to the fp32 / float-upload client. The seed's numbers (Table 3.2, unit KB per
 spec §2.5) are printed next to them. This prints ratios; it asserts nothing.
@@ -39,7 +43,7 @@ from rich.table import Table
 
 from fedaqt.config import RunConfig
 from fedaqt.launch.profile import profile_rows
-from fedaqt.report.memory_table import dominant, write_outputs
+from fedaqt.report.memory_table import dominant, limit_ratio, write_outputs
 
 #: dissertation Table 3.2 (KB): float32, float16, int8; int4 was not reported
 SEED_KB = {"fp32": 734188, "fp16": 568012, "int8": 468312}
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         combos.append({"bits": bits, "uplink_bits": 16 if bits == 16 else 32, "algorithm": "fedsgd"})
     for name, bits in DTYPES:
         combos.append({"bits": bits, "uplink_bits": 8, "algorithm": "fedsgd"})
+    for name, bits in DTYPES:
+        combos.append({"bits": bits, "uplink_bits": 4, "algorithm": "fedsgd"})
 
     def progress(i, n, cfg):
         console.print(f"  [{i + 1}/{n}] bits={cfg['bits']} uplink={cfg['uplink_bits']}")
@@ -75,17 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     ref = rows[0]["peak_mib"]
     for r in rows:
         r["ratio"] = r["peak_mib"] / ref
+        r["limit_ratio"] = limit_ratio(r["bits"], r["uplink_bits"])
     write_outputs(rows, Path(args.out), title=f"asr {args.model_size}, batch {args.batch_size}")
 
     n_params = rows[0]["num_parameters"]
     t = Table(title=f"peak client memory per FedSGD round, asr {args.model_size} ({n_params / 1e6:.1f}M parameters), "
-                    f"batch {args.batch_size}, checkpointing {'on' if ckpt else 'off'} (MiB; ratio to fp32/float upload)")
-    for c in ("dtype", "seed KB", "seed saving", "seed ratio", "float upload", "saving", "ratio", "int8 upload",
-              "saving ", "ratio ", "dominant (int8 upload)"):
+                    f"batch {args.batch_size}, checkpointing {'on' if ckpt else 'off'} (MiB; ratio to fp32/float upload; limit = (b_w + b_up)/64)")
+    for c in ("dtype", "seed KB", "seed saving", "seed ratio", "float upload", "saving", "ratio", "limit",
+              "int8 upload", "saving ", "ratio ", "limit ", "int4 upload", "saving  ", "ratio  ", "limit  ",
+              "dominant (int4 upload)"):
         t.add_column(c, justify="left" if c.startswith(("dtype", "dominant")) else "right")
     seed_ref = SEED_KB["fp32"]
     for i, (name, bits) in enumerate(DTYPES):
-        a, b = rows[i], rows[i + len(DTYPES)]
+        a, b, c = rows[i], rows[i + len(DTYPES)], rows[i + 2 * len(DTYPES)]
         seed = SEED_KB.get(name)
         t.add_row(
             name + (" (up16)" if bits == 16 else ""),
@@ -93,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{seed_ref - seed}" if seed and seed != seed_ref else "-",
             f"{seed / seed_ref:.3f}" if seed else "-",
             f"{a['peak_mib']:.1f}", f"{ref - a['peak_mib']:.1f}" if i else "-", f"{a['ratio']:.3f}",
-            f"{b['peak_mib']:.1f}", f"{ref - b['peak_mib']:.1f}", f"{b['ratio']:.3f}",
-            dominant(b, 3),
+            f"{a['limit_ratio']:.3f}",
+            f"{b['peak_mib']:.1f}", f"{ref - b['peak_mib']:.1f}", f"{b['ratio']:.3f}", f"{b['limit_ratio']:.3f}",
+            f"{c['peak_mib']:.1f}", f"{ref - c['peak_mib']:.1f}", f"{c['ratio']:.3f}", f"{c['limit_ratio']:.3f}",
+            dominant(c, 3),
         )
     console.print(t)
     console.print(f"memory.csv / memory.png in {args.out}")

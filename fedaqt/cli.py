@@ -38,7 +38,7 @@ def run(
     bits: Optional[int] = typer.Option(None, help="broadcast weight bit-width: 32, 8 or 4"),
     granularity: Optional[str] = typer.Option(None, help="scale granularity: tensor or channel"),
     algorithm: Optional[str] = typer.Option(None, help="client algorithm: fedsgd, fedavg or a plugin's (fedaqt plugins list)"),
-    uplink_bits: Optional[int] = typer.Option(None, help="upload encoding: 32 (float32), 16 (float16), 8 (int8 SR)"),
+    uplink_bits: Optional[int] = typer.Option(None, help="upload encoding: 32 (float32), 16 (float16), 8 (int8 SR), 4 (int4 SR, packed)"),
     num_clients: Optional[int] = typer.Option(None, help="number of clients (data partitions)"),
     clients_per_round: Optional[int] = typer.Option(None, help="clients sampled per round"),
     rounds: Optional[int] = typer.Option(None, help="number of rounds"),

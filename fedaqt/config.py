@@ -23,7 +23,7 @@ except ModuleNotFoundError:  # pragma: no cover
 PRESET_DIR = Path(__file__).parent / "presets"
 
 ALLOWED_BITS = (32, 8, 4)
-ALLOWED_UPLINK_BITS = (32, 16, 8)
+ALLOWED_UPLINK_BITS = (32, 16, 8, 4)
 ALLOWED_GRANULARITY = ("tensor", "channel")
 
 #: keys that ``fedaqt run --resume RUN_DIR`` lets the command line change: where and with how many cores the run

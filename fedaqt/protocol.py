@@ -356,7 +356,8 @@ def form_final_code_deltas(update: dict[str, torch.Tensor], meta: ConfigRecord, 
 
     ``meta["keys"]`` must list each key once and exactly the quantized-layer keys the server expects
     (:attr:`BroadcastSpec.final_code_keys`, when set); with ``raw`` (the reply's ArrayRecord) each named key must be
-    int8 codes within ``[-t_b, t_b]`` of the run's bit-width ``b`` (7 for 4 bits, 127 for 8).
+    int8 codes within ``[-t_b, t_b]`` of the run's bit-width ``b`` (7 for 4 bits, 127 for 8), or for a 4-bit run the
+    packed int4 form (uint8, two codes per byte, already range-checked by ``decode_update``).
 
     Raises:
         ValueError: an unknown format, final codes that were not requested, a malformed/duplicated/missing key, a
@@ -386,9 +387,12 @@ def form_final_code_deltas(update: dict[str, torch.Tensor], meta: ConfigRecord, 
             raise ValueError(f"{k}: final codes for a tensor that was not broadcast quantized this round")
         if raw is not None:
             codes = raw[k].numpy()
-            if codes.dtype != np.int8:
-                raise ValueError(f"{k}: final codes must be int8, got {codes.dtype}")
-            if codes.size and int(np.abs(codes.astype(np.int16)).max()) > t:
+            if codes.dtype == np.uint8 and spec.bits == 4:
+                pass  # packed int4 (issue 17): decode_update checked every nibble lies in [-7, 7]
+            elif codes.dtype != np.int8:
+                want = "int8 or packed int4 (uint8)" if spec.bits == 4 else "int8"
+                raise ValueError(f"{k}: final codes must be {want}, got {codes.dtype}")
+            elif codes.size and int(np.abs(codes.astype(np.int16)).max()) > t:
                 raise ValueError(f"{k}: final codes outside [-{t}, {t}] for {spec.bits}-bit weights")
         out[k] = out[k] - sent[k].to(out[k].dtype)
     return out

@@ -44,10 +44,12 @@ def test_quantized_layers_count_as_codes_plus_scales(workload, bits, granularity
     assert sum(prof.categories.values()) == prof.peak_bytes > 0
     assert math.isclose(sum(res.metrics[f"mem_{c}_mib"] for c in CATEGORIES), res.metrics["peak_mib"], rel_tol=1e-12)
     layers = quant_layers(model)
-    codes = sum(nbytes(l.codes) for l in layers.values())
+    codes = sum(nbytes(l.stored_codes()) for l in layers.values())
     scales = sum(nbytes(l.scale) for l in layers.values())
     floats = sum(nbytes(p) for p in model.parameters())
-    assert codes == sum(l.codes.numel() for l in layers.values())  # one byte per code, int4 included
+    # one byte per int8 code; int4 codes packed two per byte (issue 17): ceil(numel / 2) bytes per layer
+    assert codes == sum(l.weight_shape.numel() if bits == 8 else (l.weight_shape.numel() + 1) // 2
+                        for l in layers.values())
     assert prof.categories["buffers"] == codes + scales
     assert prof.categories["params"] + prof.categories["buffers"] == floats + codes + scales
     # ... and not the float sizes of those weights

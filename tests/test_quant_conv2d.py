@@ -164,7 +164,10 @@ def test_quant_conv2d_holds_no_float_weight(bits, gran):
     q = QuantConv2d.from_float(conv, bits, gran, "c.weight")
     assert not hasattr(q, "weight")
     assert [n for n, _ in q.named_parameters()] == ["bias"] and q.bias is conv.bias
-    assert set(q.state_dict()) == {"codes", "scale", "bias"}
+    # issue 17: 4-bit codes live packed two per byte (uint8 [ceil(numel/2)]); ``q.codes`` unpacks them on access
+    assert set(q.state_dict()) == {"packed" if bits == 4 else "codes", "scale", "bias"}
+    if bits == 4:
+        assert q.packed.dtype == torch.uint8 and tuple(q.packed.shape) == ((conv.weight.numel() + 1) // 2,)
     assert q.codes.dtype == torch.int8 and q.codes.shape == conv.weight.shape
     assert int(q.codes.abs().max()) <= 2 ** (bits - 1) - 1
     for v in list(vars(q).values()) + list(q._buffers.values()) + list(q._parameters.values()):

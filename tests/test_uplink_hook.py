@@ -216,7 +216,9 @@ def test_fedavg_final_codes_minus_sent_equals_delta(granularity):
     delta = decode_update(delta_reply["arrays"], shapes)
     final = decode_update(codes_reply["arrays"], shapes)  # decodes as before: codes * scale = final weights
     for k in sent:
-        assert codes_reply["arrays"][k].numpy().dtype == np.int8
+        # issue 17: 4-bit final codes travel packed two per byte (uint8 [ceil(numel/2)])
+        a = codes_reply["arrays"][k].numpy()
+        assert a.dtype == np.uint8 and a.shape == ((int(np.prod(shapes[k])) + 1) // 2,)
         assert codes_reply["arrays"][k + "::scale"].numpy().shape == (shapes[k][0],)
     formed = final_codes_arrays(final, sent, list(info["keys"]))
     for k in shapes:

@@ -124,12 +124,13 @@ class FedAvg(ClientAlgorithm):
         momentum = float(self.options.momentum)
         generator = ctx.generator if self.stochastic_rounding_on() else None
         keep_codes0 = need_w0 or not final_codes
-        codes0 = {k: (l.codes.clone(), l.scale.clone()) for k, l in qlayers.items()} if keep_codes0 else {}
+        # the received codes as stored (a packed 4-bit layer: its packed bytes), unpacked only when used
+        codes0 = {k: (l.stored_codes().clone(), l.scale.clone()) for k, l in qlayers.items()} if keep_codes0 else {}
         params0 = {k: p.detach().clone() for k, p in params.items()}
         probe.mark_other(*[t for pair in codes0.values() for t in pair], *params0.values())
         bufs: dict[str, torch.Tensor] = {}
         counts = {"changed": 0}
-        numel = sum(l.codes.numel() for l in qlayers.values())
+        numel = sum(l.weight_shape.numel() for l in qlayers.values())
 
         def with_momentum(key: str, g: torch.Tensor) -> torch.Tensor:
             if not momentum:
@@ -147,7 +148,7 @@ class FedAvg(ClientAlgorithm):
             key = layer.weight_key
             w = layer.dequantized_weight()  # the transient float weight of this layer only
             g = g.to(w.dtype)
-            w0 = dequantize(*codes0[key]) if need_w0 else None
+            w0 = dequantize(layer.unpack_stored(codes0[key][0]), codes0[key][1]) if need_w0 else None
             g = with_momentum(key, self.step_gradient(ctx, key, w, g, w0))
             del w0
             w.sub_(g, alpha=lr)  # in place: no float temporaries beyond w
@@ -187,7 +188,7 @@ class FedAvg(ClientAlgorithm):
                     upload.add_final_codes(key, layer)
                 else:
                     c0, s0 = codes0[key]
-                    upload.add(key, layer.dequantized_weight() - dequantize(c0, s0))
+                    upload.add(key, layer.dequantized_weight() - dequantize(layer.unpack_stored(c0), s0))
             del codes0
             for key, p in ctx.model.named_parameters():
                 if key in params0:

@@ -40,7 +40,9 @@ class FedSGD(ClientAlgorithm):
             p.grad = None
         for layer in ctx.qlayers.values():
             layer.zero_weight_grad()
-            layer.set_weight_grad_hook(lambda layer, g: upload.add(layer.weight_key, g))
+            # row blocks (large Linear layers): never the whole float gradient; encoded exactly as a whole one
+            layer.set_weight_grad_hook(lambda layer, g, r0: upload.add_rows(layer.weight_key, g, r0, layer.weight_shape),
+                                       row_multiple=upload.row_multiple(tuple(layer.weight_shape)))
         with probe.saved_activations():
             loss, n = ctx.workload.loss(ctx.model, batches[0])
         # Parameter hooks are installed after the forward pass so that they run after MemTracker's own grad hooks

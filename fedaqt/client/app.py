@@ -108,7 +108,7 @@ def _counted(decoded: Iterator[tuple[str, Any]], probe: MemoryProbe, released: A
     released (``released`` is the ArrayRecord), the received bytes still held."""
     for key, value in decoded:
         if probe.active:
-            probe.track(*([value.codes, value.scale] if isinstance(value, QTensor) else [value]))
+            probe.track(*([value.storage(), value.scale] if isinstance(value, QTensor) else [value]))
             if released is not None:
                 probe.hold_bytes("broadcast", record_nbytes(released))
         yield key, value

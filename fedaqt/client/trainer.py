@@ -41,7 +41,8 @@ from fedaqt.config import RunConfig
 from fedaqt.plugins import get_algorithm_class, get_workload_class
 from fedaqt.quant.convert import quant_layers
 from fedaqt.quant.layers import QuantLayer
-from fedaqt.quant.uplink import encode_tensor_uplink
+from fedaqt.quant.pack import pack_int4, packed_int4_nbytes, unpack_int4_fast
+from fedaqt.quant.uplink import encode_tensor_uplink, stochastic_round_int4
 from fedaqt.quant.wire import SCALE_SUFFIX
 from fedaqt.quant.wire import load_client_broadcast as load_broadcast  # noqa: F401  (moved to quant; name kept)
 from fedaqt.workloads.base import Workload
@@ -136,15 +137,19 @@ class UploadBuffer:
       scale, per channel (``[out]``) for tensors with >= 2 dims, per tensor for 0-d/1-D tensors. Tensors with
       >= 2 dims are encoded in blocks of whole rows with :func:`encode_tensor_uplink` (identical per-channel
       scales; the float64 temporaries of the rounding stay below ``chunk_elems * 8`` bytes each);
-    * final codes (FedAvg, :meth:`add_final_codes`): ``key`` -> the layer's int8 codes + ``key::scale`` float32.
+    * 4: ``key`` -> int4 codes (unbiased stochastic rounding, ``t = 7``) packed two per byte, uint8
+      ``[ceil(numel/2)]``, + ``key::scale`` float32 with the 8-bit per-channel / per-tensor rule; encoded in the
+      same blocks of whole rows (an even number of codes per block, so each block packs on its own);
+    * final codes (FedAvg, :meth:`add_final_codes`): ``key`` -> the layer's int8 codes (a 4-bit layer: its packed
+      uint8 buffer) + ``key::scale`` float32.
 
     Values stay torch tensors (so the memory profile sees them) until :meth:`to_array_record`.
 
     Args:
-        uplink_bits: 32, 16 or 8.
-        generator: CPU generator for the 8-bit rounding.
+        uplink_bits: 32, 16, 8 or 4.
+        generator: CPU generator for the 8/4-bit rounding.
         probe: optional :class:`MemoryProbe`; encoded tensors are accounted as gradients.
-        chunk_elems: block size of the 8-bit encoding (elements).
+        chunk_elems: block size of the 8/4-bit encoding (elements).
 
     Raises:
         ValueError: bad ``uplink_bits``.
@@ -152,13 +157,15 @@ class UploadBuffer:
 
     def __init__(self, uplink_bits: int, generator: Optional[torch.Generator] = None,
                  probe: Optional[MemoryProbe] = None, chunk_elems: int = 1 << 14) -> None:
-        if isinstance(uplink_bits, bool) or uplink_bits not in (32, 16, 8):
-            raise ValueError(f"uplink_bits must be one of (32, 16, 8), got {uplink_bits!r}")
+        if isinstance(uplink_bits, bool) or uplink_bits not in (32, 16, 8, 4):
+            raise ValueError(f"uplink_bits must be one of (32, 16, 8, 4), got {uplink_bits!r}")
         self.uplink_bits = int(uplink_bits)
         self.generator = generator
         self.probe = probe
         self.chunk_elems = int(chunk_elems)
         self.entries: dict[str, dict[str, torch.Tensor]] = {}
+        self.shapes: dict[str, torch.Size] = {}
+        self._rows_done: dict[str, int] = {}
         self.final_code_keys: list[str] = []
 
     def __contains__(self, key: str) -> bool:
@@ -176,6 +183,8 @@ class UploadBuffer:
             return {key: t.to("cpu", torch.float32)}
         if self.uplink_bits == 16:
             return {key: t.to("cpu", torch.float16)}
+        if self.uplink_bits == 4:
+            return self._encode4(key, t)
         if t.dim() < 2:
             enc = encode_tensor_uplink(t, 8, self.generator, key=key)
             return {k: torch.from_numpy(a) for k, a in enc.items()}
@@ -191,10 +200,38 @@ class UploadBuffer:
             del enc
         return {key: codes, key + SCALE_SUFFIX: scale}
 
+    def _encode4(self, key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Packed int4 entry: stochastic rounding per block of whole rows (each block an even number of codes but
+        the last, so its packed bytes land at ``offset / 2``); never an unpacked copy of the whole tensor."""
+        try:
+            if t.dim() < 2:
+                codes, s = stochastic_round_int4(t, self.generator)
+                return {key: pack_int4(codes), key + SCALE_SUFFIX: s}
+            rows = t.shape[0]
+            per_row = t[0].numel() if rows else 0
+            packed = torch.empty(packed_int4_nbytes(t.numel()), dtype=torch.uint8)
+            scale = torch.empty((rows,), dtype=torch.float32)
+            step = max(1, self.chunk_elems // max(1, per_row))
+            if per_row % 2 and step % 2:
+                step += 1
+            for i in range(0, rows, step):
+                codes, s = stochastic_round_int4(t[i:i + step], self.generator)
+                p = pack_int4(codes)
+                off = (i * per_row) // 2
+                packed[off:off + p.numel()] = p
+                scale[i:i + step] = s
+                del codes, p
+            return {key: packed, key + SCALE_SUFFIX: scale}
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+
     def decode(self, key: str) -> torch.Tensor:
         """The float32 value of one entry (``scale * codes`` for int8 entries)."""
         e = self.entries[key]
         v = e[key]
+        if v.dtype == torch.uint8:  # packed int4
+            shape = self.shapes[key]
+            v = unpack_int4_fast(v, shape.numel()).reshape(shape)
         if v.dtype == torch.int8:
             s = e[key + SCALE_SUFFIX].to(torch.float32)
             if v.dim() >= 2:
@@ -216,16 +253,99 @@ class UploadBuffer:
                 raise ValueError(f"{key}: already uploaded as final codes")
             value = self.decode(key) + value.detach().to("cpu", torch.float32)
             del self.entries[key]
+        self.shapes[key] = torch.Size(value.shape)
         enc = self._encode(key, value)
         self.entries[key] = enc
         if self.probe is not None:
             self.probe.mark_gradient(*enc.values())
 
+    def row_multiple(self, shape: tuple[int, ...]) -> int:
+        """Rows per encoding block of a tensor of ``shape`` (1 for float uplinks): :meth:`add_rows` blocks that are
+        multiples of it (but the last) encode exactly as :meth:`add` of the whole tensor, same random draws."""
+        if self.uplink_bits in (32, 16) or len(shape) < 2:
+            return 1
+        per_row = max(1, int(torch.Size(shape[1:]).numel()))
+        step = max(1, self.chunk_elems // per_row)
+        if self.uplink_bits == 4 and per_row % 2 and step % 2:
+            step += 1
+        return step
+
+    def add_rows(self, key: str, rows: torch.Tensor, r0: int, shape: tuple[int, ...]) -> None:
+        """Encode rows ``r0 : r0 + len(rows)`` of a tensor of ``shape`` (a row block of a weight gradient,
+        :meth:`fedaqt.quant.layers.QuantLayer.set_weight_grad_hook` with ``row_multiple=row_multiple(shape)``).
+        Blocks arrive in increasing ``r0``; when they are multiples of :meth:`row_multiple` the entry is bitwise the
+        one :meth:`add` makes of the whole tensor. A block for rows already complete (a layer used twice in one
+        backward) is added to them (decode, add, re-encode those rows; still unbiased).
+
+        Raises:
+            ValueError: ``key`` ends with ``::scale``, a block outside ``shape``, non-floating or non-finite values.
+        """
+        shape = torch.Size(shape)
+        n = int(rows.shape[0])
+        if r0 == 0 and n == shape[0] and key not in self.entries:
+            self.add(key, rows.reshape(shape))
+            return
+        if key.endswith(SCALE_SUFFIX):
+            raise ValueError(f"update key {key!r} ends with the reserved suffix {SCALE_SUFFIX!r}")
+        if len(shape) < 2 or tuple(rows.shape[1:]) != tuple(shape[1:]) or r0 < 0 or r0 + n > shape[0]:
+            raise ValueError(f"{key}: row block [{r0}:{r0 + n}] of shape {tuple(rows.shape)} does not fit "
+                             f"{tuple(shape)}")
+        if key in self.final_code_keys:
+            raise ValueError(f"{key}: already uploaded as final codes")
+        rows = rows.detach()
+        if not rows.dtype.is_floating_point:
+            raise ValueError(f"{key}: expected a floating tensor, got {rows.dtype}")
+        done = self._rows_done.get(key)
+        if key not in self.entries:
+            self.shapes[key] = shape
+            if self.uplink_bits in (32, 16):
+                dtype = torch.float32 if self.uplink_bits == 32 else torch.float16
+                entry = {key: torch.zeros(shape, dtype=dtype)}
+            else:
+                nb = shape.numel() if self.uplink_bits == 8 else packed_int4_nbytes(shape.numel())
+                entry = {key: torch.zeros(nb if self.uplink_bits == 4 else shape,
+                                          dtype=torch.uint8 if self.uplink_bits == 4 else torch.int8),
+                         key + SCALE_SUFFIX: torch.zeros((shape[0],), dtype=torch.float32)}
+            self.entries[key] = entry
+            done = self._rows_done[key] = 0
+            if self.probe is not None:
+                self.probe.mark_gradient(*entry.values())
+        if done is None or r0 < done:  # rows already complete: accumulate
+            rows = self._decode_rows(key, r0, r0 + n) + rows.to("cpu", torch.float32)
+        entry = self.entries[key]
+        if self.uplink_bits in (32, 16):
+            entry[key][r0:r0 + n] = rows.to("cpu", entry[key].dtype)
+        else:
+            enc = self._encode(key, rows)
+            per_row = int(shape[1:].numel())
+            if self.uplink_bits == 8:
+                entry[key][r0:r0 + n] = enc[key]
+            else:
+                if (r0 * per_row) % 2:
+                    raise ValueError(f"{key}: a packed int4 row block must start on a byte (row {r0})")
+                b0 = (r0 * per_row) // 2
+                entry[key][b0:b0 + enc[key].numel()] = enc[key]
+            entry[key + SCALE_SUFFIX][r0:r0 + n] = enc[key + SCALE_SUFFIX]
+            del enc
+        if done is not None and r0 >= done:
+            self._rows_done[key] = r0 + n
+            if r0 + n == shape[0]:
+                del self._rows_done[key]
+
+    def _decode_rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
+        """float32 rows ``r0:r1`` of an entry."""
+        return self.decode(key)[r0:r1]
+
     def add_zeros(self, key: str, shape: tuple[int, ...]) -> None:
         """A zero entry (a parameter that received no gradient), without a float temporary for 8 bits."""
         if key in self.entries:
             return
-        if self.uplink_bits == 8:
+        self.shapes[key] = torch.Size(shape)
+        if self.uplink_bits == 4:
+            packed = torch.zeros(packed_int4_nbytes(self.shapes[key].numel()), dtype=torch.uint8)
+            scale = torch.zeros((shape[0],) if len(shape) >= 2 else (), dtype=torch.float32)
+            self.entries[key] = {key: packed, key + SCALE_SUFFIX: scale}
+        elif self.uplink_bits == 8:
             codes = torch.zeros(shape, dtype=torch.int8)
             scale = torch.zeros((shape[0],) if len(shape) >= 2 else (), dtype=torch.float32)
             self.entries[key] = {key: codes, key + SCALE_SUFFIX: scale}
@@ -238,12 +358,15 @@ class UploadBuffer:
     def add_final_codes(self, key: str, layer: QuantLayer) -> None:
         """Upload a quantized layer's final weight as its int8 codes + float32 scale (FedAvg; the server
         subtracts what it sent). A per-tensor scale is repeated per output channel (``[out]``), the shape
-        ``decode_update`` expects for tensors with >= 2 dims. The codes are the layer's buffer itself (no copy)."""
-        codes = layer.codes.detach()
+        ``decode_update`` expects for tensors with >= 2 dims. The codes are the layer's buffer itself (no copy):
+        for a packed 4-bit layer its uint8 ``packed`` buffer (two codes per byte, issue 17)."""
+        codes = layer.stored_codes().detach()
+        shape = torch.Size(layer.weight_shape)
+        self.shapes[key] = shape
         s = layer.scale.detach().to(torch.float32)
-        if codes.dim() >= 2 and s.dim() == 0:
-            s = s.expand(codes.shape[0]).clone()
-        elif codes.dim() < 2 and s.dim() != 0:
+        if len(shape) >= 2 and s.dim() == 0:
+            s = s.expand(shape[0]).clone()
+        elif len(shape) < 2 and s.dim() != 0:
             raise ValueError(f"{key}: a per-channel scale needs codes with >= 2 dims")
         self.entries[key] = {key: codes, key + SCALE_SUFFIX: s}
         self.final_code_keys.append(key)
@@ -285,6 +408,7 @@ class UploadBuffer:
                     del entry[k], v
             if release:
                 del self.entries[key]
+                self.shapes.pop(key, None)
         return ArrayRecord(arrays)
 
     def decoded(self, sent: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ import typer
 from fedaqt.report.memory_table import add_ratios, rich_table, write_outputs
 
 PROFILE_BITS = (32, 16, 8, 4)
-PROFILE_UPLINK_BITS = (32, 16, 8)
+PROFILE_UPLINK_BITS = (32, 16, 8, 4)
 
 
 def _categories() -> list[str]:
@@ -184,7 +184,7 @@ def profile_rows(
 def profile_command(
     workload: str = typer.Option("asr", help="workload name"),
     bits: str = typer.Option("32,16,8,4", help="client weight bit-widths, comma separated: 32, 16 (float16 model), 8, 4"),
-    uplink_bits: str = typer.Option("32,8", "--uplink-bits", help="upload encodings, comma separated: 32, 16, 8"),
+    uplink_bits: str = typer.Option("32,8", "--uplink-bits", help="upload encodings, comma separated: 32, 16, 8, 4"),
     algorithm: str = typer.Option("fedsgd", help="client algorithms, comma separated (any registered: fedsgd, fedavg, ...)"),
     checkpointing: str = typer.Option("on", help="gradient checkpointing, comma separated: on, off"),
     batch_size: int = typer.Option(2, help="client batch size (the dissertation used 2)"),

@@ -1,14 +1,17 @@
 """Native quantized layers: weights live only as int codes + float scale (spec 2.2 step 2).
 
-Each layer holds the weight as two buffers, ``codes`` (int8; int4 values in ``[-7, 7]`` also use int8 in memory)
-and ``scale`` (float, 0-d per tensor or ``[out]`` per channel), plus an ordinary float ``bias`` parameter (or None).
+Each layer holds the weight as two buffers, the codes and ``scale`` (float, 0-d per tensor or ``[out]`` per
+channel), plus an ordinary float ``bias`` parameter (or None). 8-bit codes are the int8 buffer ``codes`` shaped like
+the weight; 4-bit codes are the uint8 buffer ``packed`` ``[ceil(numel/2)]``, two codes per byte in the wire format's
+layout (:mod:`fedaqt.quant.pack`, issue 17), unpacked transiently, per layer, inside forward and backward (and inside
+the recomputation under checkpointing); ``layer.codes`` of a 4-bit layer is then a fresh unpacked int8 copy.
 No float weight tensor is stored anywhere in the module.
 
 Forward quantizes the input activation dynamically to int8 (per tensor, detached scale, spec 1.1) and computes the
 output from the integer operands, ``y = s_x * s_w * (q_x @ q_w^T) + bias``, in the input's floating dtype (exact
 integer accumulation while ``|acc| < 2^24`` in float32 / ``2^53`` in float64). A custom
 :class:`torch.autograd.Function` saves for backward only the int8 activation codes, the int8 weight codes and the
-two scales; backward rebuilds ``x̂ = s_x q_x`` and ``ŵ = s_w q_w`` transiently and returns
+two scales (4 bits: the packed buffer itself, no copy); backward rebuilds ``x̂ = s_x q_x`` and ``ŵ = s_w q_w`` transiently and returns
 ``grad_x = grad_y @ ŵ`` and ``grad_w = grad_y^T @ x̂`` (STE through both quantizers).
 
 Because the weight is a buffer, ``grad_w`` does not land in a ``.grad``: it is delivered to the layer, by default
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pack import check_packed_int4, pack_int4, packed_int4_nbytes, unpack_int4_fast
 from .quantize import (
     broadcast_scale,
     check_granularity,
@@ -73,12 +77,44 @@ class QuantLayer(nn.Module):
         weight_requires_grad: when False, backward computes no ``grad_w`` (frozen layer).
         weight_grad: accumulated float ``grad_w`` (shaped like the weight) or None before any backward / when a hook
             is installed.
-        codes: int8 buffer shaped like the weight.
+        codes: int8 buffer shaped like the weight (8 bits, or 4 bits with ``pack_int4_codes = False``); for a packed
+            4-bit layer a read-only view computed on access (fresh unpacked int8 copy).
+        packed: (packed 4-bit layers) uint8 buffer ``[ceil(numel/2)]``, two codes per byte (wire layout).
         scale: float buffer, 0-d (per tensor) or ``[out]`` (per channel).
     """
 
-    codes: torch.Tensor
     scale: torch.Tensor
+    #: hold 4-bit codes packed two per byte (``packed`` buffer); a subclass may set False to keep one int8 per code
+    pack_int4_codes: bool = True
+
+    @property
+    def packs_codes(self) -> bool:
+        """True when the codes live packed two per byte (4 bits and :attr:`pack_int4`)."""
+        return self.bits == 4 and type(self).pack_int4_codes
+
+    def __getattr__(self, name: str):
+        # ``codes`` of a packed layer: a transient unpacked int8 copy (the module keeps only ``packed``)
+        if name == "codes":
+            buffers = self.__dict__.get("_buffers", {})
+            if "codes" not in buffers and "packed" in buffers:
+                return self.unpacked_codes()
+        return super().__getattr__(name)
+
+    def stored_codes(self) -> torch.Tensor:
+        """The codes buffer itself: int8 ``codes`` shaped like the weight, or uint8 ``packed`` ``[ceil(numel/2)]``
+        for a packed 4-bit layer (no copy)."""
+        return self._buffers["packed"] if self.packs_codes else self._buffers["codes"]
+
+    def unpack_stored(self, stored: torch.Tensor) -> torch.Tensor:
+        """int8 codes shaped like the weight from :meth:`stored_codes` (or a clone of it): unpacked for a packed
+        layer (a fresh tensor), ``stored`` itself otherwise."""
+        if self.packs_codes:
+            return unpack_int4_fast(stored, self.weight_shape.numel()).reshape(self.weight_shape)
+        return stored
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """int8 codes shaped like the weight (a fresh unpacked copy for a packed 4-bit layer, else the buffer)."""
+        return self.unpack_stored(self.stored_codes())
 
     def _init_quant(
         self,
@@ -97,8 +133,13 @@ class QuantLayer(nn.Module):
         self.weight_requires_grad = True
         self.weight_grad: Optional[torch.Tensor] = None
         self._weight_grad_hook: Optional[WeightGradHook] = None
+        self._weight_grad_rows: Optional[int] = None
         dtype = dtype or torch.get_default_dtype()
-        self.register_buffer("codes", torch.zeros(weight_shape, dtype=torch.int8, device=device))
+        if self.packs_codes:
+            numel = int(torch.Size(weight_shape).numel())
+            self.register_buffer("packed", torch.zeros(packed_int4_nbytes(numel), dtype=torch.uint8, device=device))
+        else:
+            self.register_buffer("codes", torch.zeros(weight_shape, dtype=torch.int8, device=device))
         sshape = () if granularity == "tensor" else (weight_shape[0],)
         self.register_buffer("scale", torch.ones(sshape, dtype=dtype, device=device))
 
@@ -107,28 +148,42 @@ class QuantLayer(nn.Module):
     def out_dim(self) -> int:
         return int(self.weight_shape[0])
 
-    def load_quantized(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    def load_quantized(self, codes: torch.Tensor, scale: torch.Tensor, packed: bool = False) -> None:
         """Copy received codes and scale into the buffers (spec 2.2 step 2).
 
         Args:
-            codes: integer tensor shaped like the weight (int8 preferred) with values in ``[-t_b, t_b]``.
+            codes: integer tensor shaped like the weight (int8 preferred) with values in ``[-t_b, t_b]``; with
+                ``packed`` the 4-bit wire form, uint8 ``[ceil(numel/2)]`` (copied as is into a packed layer, so a
+                broadcast is decoded straight into the packed buffer; unpacked into an int8 layer).
             scale: floating tensor, ``()`` for per-tensor or ``[out]`` for per-channel layers; finite, >= 0.
                 It is converted to the dtype of the ``scale`` buffer.
 
+            packed: ``codes`` is packed int4 (only for 4-bit layers).
+
         Raises:
-            ValueError: wrong shape, dtype, out-of-range codes or a bad scale (message names ``weight_key``).
+            ValueError: wrong shape, dtype, out-of-range codes, a bad scale, or ``packed`` for an 8-bit layer
+                (message names ``weight_key``).
         """
         name = self.weight_key or type(self).__name__
-        if tuple(codes.shape) != tuple(self.weight_shape):
-            raise ValueError(f"{name}: codes shape {tuple(codes.shape)} != weight shape {tuple(self.weight_shape)}")
-        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
-            raise ValueError(f"{name}: codes must be an integer tensor, got {codes.dtype}")
         t = qmax(self.bits)
-        if codes.numel() and (int(codes.min()) < -t or int(codes.max()) > t):
-            raise ValueError(
-                f"{name}: codes must lie in [-{t}, {t}] for {self.bits}-bit weights, "
-                f"got [{int(codes.min())}, {int(codes.max())}]"
-            )
+        packed_in = bool(packed)
+        if packed_in and self.bits != 4:
+            raise ValueError(f"{name}: packed int4 codes for a {self.bits}-bit layer")
+        if packed_in:
+            try:
+                check_packed_int4(codes, self.weight_shape.numel(), t)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        else:
+            if tuple(codes.shape) != tuple(self.weight_shape):
+                raise ValueError(f"{name}: codes shape {tuple(codes.shape)} != weight shape {tuple(self.weight_shape)}")
+            if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
+                raise ValueError(f"{name}: codes must be an integer tensor, got {codes.dtype}")
+            if codes.numel() and (int(codes.min()) < -t or int(codes.max()) > t):
+                raise ValueError(
+                    f"{name}: codes must lie in [-{t}, {t}] for {self.bits}-bit weights, "
+                    f"got [{int(codes.min())}, {int(codes.max())}]"
+                )
         if tuple(scale.shape) != tuple(self.scale.shape):
             raise ValueError(
                 f"{name}: scale shape {tuple(scale.shape)} != expected {tuple(self.scale.shape)} "
@@ -139,12 +194,22 @@ class QuantLayer(nn.Module):
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             raise ValueError(f"{name}: scale must be finite and >= 0")
         with torch.no_grad():
-            self.codes.copy_(codes.to(torch.int8))
+            self._store_codes(codes, packed_in)
             self.scale.copy_(scale.to(self.scale.dtype))
+
+    def _store_codes(self, codes: torch.Tensor, packed_in: bool = False) -> None:
+        """Write validated codes (int weight-shaped, or packed uint8 when ``packed_in``) into the codes buffer."""
+        dst = self.stored_codes()
+        if self.packs_codes:
+            dst.copy_(codes.reshape(-1) if packed_in else pack_int4(codes.to(torch.int8)))
+        elif packed_in:
+            dst.copy_(unpack_int4_fast(codes.reshape(-1), dst.numel()).reshape(dst.shape))
+        else:
+            dst.copy_(codes.to(torch.int8))
 
     def dequantized_weight(self) -> torch.Tensor:
         """Transient float weight ``ŵ = s * q`` (dtype of the ``scale`` buffer, shaped like the weight)."""
-        return dequantize(self.codes, self.scale)
+        return dequantize(self.unpacked_codes(), self.scale)
 
     @torch.no_grad()
     def requantize_(self, w_float: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
@@ -164,24 +229,50 @@ class QuantLayer(nn.Module):
                 f"{tuple(self.weight_shape)}"
             )
         codes, s = quantize(w_float, self.bits, self.granularity, generator)
-        self.codes.copy_(codes)
+        self._store_codes(codes)
+        del codes
         self.scale.copy_(s.to(self.scale.dtype))
 
     # ---------------------------------------------------------------- gradient delivery
-    def set_weight_grad_hook(self, fn: Optional[WeightGradHook]) -> None:
+    def set_weight_grad_hook(self, fn: Optional[Callable], row_multiple: Optional[int] = None) -> None:
         """Install ``fn(layer, grad_w)`` to receive ``grad_w`` instead of accumulating it into ``weight_grad``.
 
         ``grad_w`` is a fresh float tensor shaped like the weight that the layer keeps no reference to (encode and
         drop it to free memory). ``fn=None`` restores accumulation.
+
+        Args:
+            fn: the hook, or None.
+            row_multiple: None = ``fn(layer, grad_w)`` with the whole gradient. An int ``m >= 1`` = row blocks:
+                ``fn(layer, rows, r0)`` with ``rows = grad_w[r0:r0 + len(rows)]``, in increasing ``r0`` covering all
+                rows once per backward, every block but the last a multiple of ``m`` rows, so that the layer never
+                holds the whole float gradient (:class:`QuantLinear` above :data:`WEIGHT_BLOCK_ELEMS` elements; the
+                other layers deliver one block, ``r0 = 0``). The blocks' values equal the whole gradient's bitwise.
+
+        Raises:
+            TypeError: ``fn`` not callable. ValueError: ``row_multiple < 1``.
         """
         if fn is not None and not callable(fn):
             raise TypeError(f"weight-grad hook must be callable or None, got {type(fn).__name__}")
+        if row_multiple is not None and (isinstance(row_multiple, bool) or int(row_multiple) < 1):
+            raise ValueError(f"row_multiple must be an int >= 1 or None, got {row_multiple!r}")
         self._weight_grad_hook = fn
+        self._weight_grad_rows = None if fn is None or row_multiple is None else int(row_multiple)
+
+    def _weight_grad_row_step(self) -> Optional[int]:
+        """Rows per delivered block (a multiple of the hook's ``row_multiple``), or None for whole gradients."""
+        m = getattr(self, "_weight_grad_rows", None)
+        if m is None or self._weight_grad_hook is None:
+            return None
+        step = _block_rows(int(self.weight_shape[0]), int(self.weight_shape[1:].numel()))
+        return -(-step // m) * m
 
     def _deliver_weight_grad(self, grad_w: torch.Tensor) -> None:
         hook = self._weight_grad_hook
         if hook is not None:
-            hook(self, grad_w)
+            if getattr(self, "_weight_grad_rows", None) is not None:
+                hook(self, grad_w, 0)
+            else:
+                hook(self, grad_w)
         elif self.weight_grad is None:
             self.weight_grad = grad_w
         else:
@@ -196,41 +287,107 @@ class QuantLayer(nn.Module):
 
 
 # =============================================================================== Linear
+#: the most weight elements a :class:`QuantLinear` materializes in float at once (forward: float codes of a block of
+#: output rows; backward: ``ŵ`` of a block of input columns); 2^17 = 512 KiB in float32. A block changes which
+#: output elements one matmul computes, never the dot product behind an element (each is the same sum over the
+#: same reduction axis), so the results equal the unblocked product (tests/test_int4_packed.py checks bitwise).
+WEIGHT_BLOCK_ELEMS = 1 << 17
+#: the fewest rows / columns per block (thin matmuls may take other BLAS kernels with another summation order)
+MIN_BLOCK = 128
+
+
+def _block_rows(rows: int, cols: int) -> int:
+    """Rows per block of a ``[rows, cols]`` weight (``>= rows``: one block), even when ``cols`` is odd so that a
+    block of packed int4 rows starts on a byte."""
+    step = max(MIN_BLOCK, WEIGHT_BLOCK_ELEMS // max(1, cols))
+    if step >= rows:
+        return rows
+    nblocks = -(-rows // step)
+    step = -(-rows // nblocks)  # balanced blocks: no thin last block
+    if cols % 2 and step % 2:
+        step += 1
+    return step
+
+
+def _code_rows(layer: "QuantLayer", stored: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """int8 codes of weight rows ``r0:r1`` of a 2-D layer, from its stored codes (a packed layer unpacks only those
+    rows' bytes; ``r0 * cols`` is even, see :func:`_block_rows`)."""
+    if not layer.packs_codes:
+        return stored[r0:r1]
+    cols = int(layer.weight_shape[1])
+    b0 = (r0 * cols) // 2
+    n = (r1 - r0) * cols
+    return unpack_int4_fast(stored[b0:b0 + packed_int4_nbytes(n)], n).reshape(r1 - r0, cols)
+
+
 class _QuantLinearFn(torch.autograd.Function):
-    """y = s_x s_w (q_x @ q_w^T) + b; saves only (q_x int8, q_w int8, s_x, s_w)."""
+    """y = s_x s_w (q_x @ q_w^T) + b; saves only (q_x int8, stored q_w (int8, or the packed uint8 buffer), s_x,
+    s_w)."""
 
     @staticmethod
-    def forward(ctx, x, codes, w_scale, bias, anchor, layer):  # type: ignore[override]
+    def forward(ctx, x, stored, w_scale, bias, anchor, layer):  # type: ignore[override]
         dtype = x.dtype
         xq, sx = quantize_activation(x, ACT_BITS)
-        acc = xq.to(dtype) @ codes.to(dtype).t()
+        out_f, in_f = layer.weight_shape
+        step = _block_rows(out_f, in_f)
+        xf = xq.to(dtype)
+        if step >= out_f:
+            codes = layer.unpack_stored(stored)
+            acc = xf @ codes.to(dtype).t()
+            del codes
+        else:  # output columns in blocks of weight rows: never the whole weight in float (same dot products)
+            acc = xf.new_empty(*xf.shape[:-1], out_f)
+            for o in range(0, out_f, step):
+                rows = _code_rows(layer, stored, o, min(o + step, out_f))
+                acc[..., o:o + rows.shape[0]] = xf @ rows.to(dtype).t()
+                del rows
+        del xf
         y = acc * (sx * w_scale.to(dtype))
         del acc
         if bias is not None:
             y = y + bias.to(dtype)
-        ctx.save_for_backward(xq, codes, sx, w_scale)
+        ctx.save_for_backward(xq, stored, sx, w_scale)
         ctx.layer = layer
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        xq, codes, sx, w_scale = ctx.saved_tensors
+        xq, stored, sx, w_scale = ctx.saved_tensors
         layer: QuantLayer = ctx.layer
         dtype = grad_y.dtype
-        out_f, in_f = codes.shape
+        out_f, in_f = layer.weight_shape
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_hat = dequantize(codes, w_scale.to(dtype))
-            grad_x = grad_y @ w_hat
-            del w_hat
+            codes = layer.unpack_stored(stored)
+            step = _block_rows(in_f, out_f)
+            if step >= in_f:
+                w_hat = dequantize(codes, w_scale.to(dtype))
+                grad_x = grad_y @ w_hat
+                del w_hat
+            else:  # grad_x in blocks of input columns: ŵ[:, j0:j1] only (same dot products)
+                grad_x = grad_y.new_empty(*grad_y.shape[:-1], in_f)
+                for j in range(0, in_f, step):
+                    w_hat = dequantize(codes[:, j:j + step], w_scale.to(dtype))
+                    grad_x[..., j:j + step] = grad_y @ w_hat
+                    del w_hat
+            del codes
         gy2 = grad_y.reshape(-1, out_f)
         if layer.weight_requires_grad:
             x_hat = xq.reshape(-1, in_f).to(dtype) * sx.to(dtype)
-            grad_w = gy2.t() @ x_hat
-            del x_hat
-            layer._deliver_weight_grad(grad_w)
-            del grad_w
+            step = layer._weight_grad_row_step()
+            if step is None or step >= out_f:
+                grad_w = gy2.t() @ x_hat
+                del x_hat
+                layer._deliver_weight_grad(grad_w)
+                del grad_w
+            else:  # row blocks straight to the hook: never the whole float gradient (same dot products)
+                hook = layer._weight_grad_hook
+                for o in range(0, out_f, step):
+                    rows = gy2[:, o:o + step].t() @ x_hat
+                    hook(layer, rows, o)
+                    del rows
+                del x_hat
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = gy2.sum(0)
         return grad_x, None, None, grad_b, None, None
@@ -299,7 +456,7 @@ class QuantLinear(QuantLayer):
             raise ValueError(f"{self.weight_key or 'QuantLinear'}: input last dim {x.shape[-1]} != "
                              f"in_features {self.in_features}")
         anchor = _grad_anchor() if self.weight_requires_grad else None
-        return _QuantLinearFn.apply(x, self.codes, self.scale, bias, anchor, self)
+        return _QuantLinearFn.apply(x, self.stored_codes(), self.scale, bias, anchor, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, in_features]`` float -> ``[*, out_features]`` (input dtype); int8 activations, int weights.
@@ -317,37 +474,39 @@ class QuantLinear(QuantLayer):
 # =============================================================================== Conv1d / Conv2d
 class _QuantConvFn(torch.autograd.Function):
     """y = s_x s_w convNd(q_x, q_w) + b for a :class:`_QuantConvNd` layer (N = ``layer._dims``, 1 or 2); saves only
-    (q_x int8, q_w int8, s_x, s_w)."""
+    (q_x int8, stored q_w (int8, or the packed uint8 buffer), s_x, s_w)."""
 
     @staticmethod
-    def forward(ctx, x, codes, w_scale, bias, anchor, layer):  # type: ignore[override]
+    def forward(ctx, x, stored, w_scale, bias, anchor, layer):  # type: ignore[override]
         dtype = x.dtype
         xq, sx = quantize_activation(x, ACT_BITS)
+        codes = layer.unpack_stored(stored)
         acc = layer._conv(xq.to(dtype), codes.to(dtype), None, layer.stride, layer.padding, layer.dilation,
                           layer.groups)
+        del codes
         y = acc * broadcast_scale(sx * w_scale.to(dtype), 1 + layer._dims)
         del acc
         if bias is not None:
             y = y + bias.to(dtype).reshape(1, -1, *([1] * layer._dims))
-        ctx.save_for_backward(xq, codes, sx, w_scale)
+        ctx.save_for_backward(xq, stored, sx, w_scale)
         ctx.layer = layer
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        xq, codes, sx, w_scale = ctx.saved_tensors
+        xq, stored, sx, w_scale = ctx.saved_tensors
         layer: _QuantConvNd = ctx.layer
         dtype = grad_y.dtype
         grad_x = grad_b = None
         args = (layer.stride, layer.padding, layer.dilation, layer.groups)
         if ctx.needs_input_grad[0]:
-            w_hat = dequantize(codes, w_scale.to(dtype))
+            w_hat = dequantize(layer.unpack_stored(stored), w_scale.to(dtype))
             grad_x = layer._conv_input(xq.shape, w_hat, grad_y, *args)
             del w_hat
         if layer.weight_requires_grad:
             x_hat = xq.to(dtype) * sx.to(dtype)
-            grad_w = layer._conv_weight(x_hat, codes.shape, grad_y, *args)
+            grad_w = layer._conv_weight(x_hat, layer.weight_shape, grad_y, *args)
             del x_hat
             layer._deliver_weight_grad(grad_w)
             del grad_w
@@ -469,7 +628,7 @@ class _QuantConvNd(QuantLayer):
             raise ValueError(f"{self.weight_key or type(self).__name__}: expected input [B, {self.in_channels}, "
                              f"{self._layout}], got {tuple(x.shape)}")
         anchor = _grad_anchor() if self.weight_requires_grad else None
-        y = _QuantConvFn.apply(x, self.codes, self.scale, self.bias, anchor, self)
+        y = _QuantConvFn.apply(x, self.stored_codes(), self.scale, self.bias, anchor, self)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

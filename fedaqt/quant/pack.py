@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_int4", "unpack_int4", "packed_int4_nbytes"]
+__all__ = ["pack_int4", "unpack_int4", "unpack_int4_fast", "check_packed_int4", "packed_int4_nbytes"]
 
 
 def packed_int4_nbytes(numel: int) -> int:
@@ -75,3 +75,39 @@ def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     out = out[:numel]
     out = torch.where(out >= 8, out - 16, out)
     return out.to(torch.int8)
+
+
+def unpack_int4_fast(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """:func:`unpack_int4` without the checks, for the layers' hot path (the buffer was validated when loaded).
+
+    Args:
+        packed: uint8 ``[ceil(numel/2)]`` as written by :func:`pack_int4`.
+        numel: number of codes.
+
+    Returns:
+        int8 ``[numel]`` (a fresh tensor; sign-extended nibbles ``(n ^ 8) - 8``).
+    """
+    lo = ((packed & 0xF) ^ 8).view(torch.int8) - 8
+    hi = ((packed >> 4) ^ 8).view(torch.int8) - 8
+    out = torch.stack([lo, hi], dim=-1).reshape(-1)
+    return out if out.numel() == numel else out[:numel]
+
+
+def check_packed_int4(packed: torch.Tensor, numel: int, t: int = 7) -> None:
+    """Validate packed int4 codes without unpacking them: uint8 of length ``ceil(numel/2)``, every nibble a code
+    in ``[-t, t]`` (``t = 7``: the nibble ``8`` = -8 is rejected; ``t = 8`` allows it) and, for an odd ``numel``,
+    a zero padding nibble.
+
+    Raises:
+        ValueError: naming the problem (dtype, length, the out-of-range value, the padding nibble).
+    """
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError(f"packed int4 codes must be uint8, got {getattr(packed, 'dtype', type(packed))}")
+    flat = packed.reshape(-1)
+    need = packed_int4_nbytes(numel)
+    if flat.numel() != need:
+        raise ValueError(f"packed int4 data has {flat.numel()} bytes, expected ceil({numel}/2) = {need}")
+    if numel % 2 and int(flat[-1]) >> 4 != 0:
+        raise ValueError("packed int4 data has a nonzero padding nibble for an odd number of codes")
+    if t < 8 and flat.numel() and bool(((flat & 0xF) == 8).any() or ((flat >> 4) == 8).any()):
+        raise ValueError(f"int4 codes must lie in [-{t}, {t}], got -8")

@@ -23,15 +23,14 @@ This module imports nothing from other fedaqt packages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from .convert import quant_layers
-from .pack import pack_int4, packed_int4_nbytes, unpack_int4
+from .pack import check_packed_int4, pack_int4, packed_int4_nbytes, unpack_int4
 from .quantize import check_granularity, dequantize, qmax, quantize
 
 __all__ = [
@@ -63,29 +62,69 @@ _K_AXIS = "quant.key_axis"
 _K_SHAPES = "quant.key_shapes"
 
 
-@dataclass
 class QTensor:
     """A received quantized weight.
 
     Attributes:
-        codes: int8 tensor shaped like the weight (int4 already unpacked; values in ``[-t_b, t_b]``).
+        codes: int8 tensor shaped like the weight (values in ``[-t_b, t_b]``). For a 4-bit weight decoded from the
+            wire it is computed on access (a fresh unpacked copy of :attr:`packed`).
         scale: float32 tensor, ``()`` per tensor or ``[out]`` per channel.
         bits: 8 or 4.
         granularity: ``"tensor"`` or ``"channel"``.
+        packed: the 4-bit codes as received, uint8 ``[ceil(numel/2)]`` two per byte (:mod:`fedaqt.quant.pack`),
+            or None (then ``codes`` is stored).
+        shape: the weight's shape.
+
+    Construct with ``QTensor(codes=..., scale=..., bits=..., granularity=...)`` or, packed,
+    ``QTensor(scale=..., bits=4, granularity=..., packed=..., shape=...)``.
+
+    Raises:
+        ValueError: neither ``codes`` nor ``packed`` (with ``shape``) given.
     """
 
-    codes: torch.Tensor
-    scale: torch.Tensor
-    bits: int
-    granularity: str
+    __slots__ = ("_codes", "scale", "bits", "granularity", "packed", "_shape")
+
+    def __init__(self, codes: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, bits: int = 8,
+                 granularity: str = "tensor", packed: Optional[torch.Tensor] = None,
+                 shape: Optional[Iterable[int]] = None) -> None:
+        if codes is None and (packed is None or shape is None):
+            raise ValueError("QTensor needs codes, or packed codes and the weight shape")
+        self._codes = codes
+        self.scale = scale
+        self.bits = int(bits)
+        self.granularity = granularity
+        self.packed = packed
+        self._shape = torch.Size(shape) if shape is not None else torch.Size(codes.shape)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self._codes is not None:
+            return self._codes
+        return unpack_int4(self.packed, self._shape.numel()).reshape(self._shape)
 
     @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        return self._shape
+
+    def storage(self) -> torch.Tensor:
+        """The codes as held: ``packed`` when set, else ``codes`` (no copy)."""
+        return self.packed if self.packed is not None else self._codes
+
+    def load_into(self, layer: Any) -> None:
+        """``layer.load_quantized`` with the codes as held (a packed weight goes straight into the layer's packed
+        buffer)."""
+        if self.packed is not None:
+            layer.load_quantized(self.packed, self.scale, packed=True)
+        else:
+            layer.load_quantized(self._codes, self.scale)
 
     def dequantize(self) -> torch.Tensor:
         """``s * q`` as a float32 tensor shaped like the weight (spec 1.1)."""
         return dequantize(self.codes, self.scale)
+
+    def __repr__(self) -> str:
+        return (f"QTensor(shape={tuple(self._shape)}, bits={self.bits}, granularity={self.granularity!r}, "
+                f"packed={self.packed is not None})")
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -293,12 +332,16 @@ def _decode_qtensor(key: str, a: np.ndarray, s: np.ndarray, bits: int, axis: int
         if tuple(a.shape) != (packed_int4_nbytes(numel),):
             raise ValueError(f"{key}: packed codes shape {tuple(a.shape)} != ({packed_int4_nbytes(numel)},) "
                              f"for weight shape {shape}")
-        try:
-            codes = unpack_int4(numpy_to_tensor(a), numel).reshape(shape)
+        packed = numpy_to_tensor(a)
+        try:  # checked packed (no unpacked copy): the client loads these bytes straight into its layer
+            check_packed_int4(packed, numel, 8)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
+        if packed.numel() and bool(((packed & 0xF) == 8).any() or ((packed >> 4) == 8).any()):
+            raise ValueError(f"{key}: codes outside [-{qmax(bits)}, {qmax(bits)}] for {bits}-bit weights")
+        codes = None
     t = qmax(bits)
-    if codes.numel() and (int(codes.min()) < -t or int(codes.max()) > t):
+    if codes is not None and codes.numel() and (int(codes.min()) < -t or int(codes.max()) > t):
         raise ValueError(f"{key}: codes outside [-{t}, {t}] for {bits}-bit weights")
     if s.dtype != np.float32:
         raise ValueError(f"{key}: scale must be float32, got {s.dtype}")
@@ -307,8 +350,10 @@ def _decode_qtensor(key: str, a: np.ndarray, s: np.ndarray, bits: int, axis: int
         raise ValueError(f"{key}: scale shape {tuple(s.shape)} does not match axis {axis} and weight shape {shape}")
     if not np.isfinite(s).all() or (s < 0).any():
         raise ValueError(f"{key}: scale must be finite and >= 0")
-    return QTensor(codes=codes, scale=numpy_to_tensor(s), bits=bits,
-                   granularity="tensor" if axis == -1 else "channel")
+    gran = "tensor" if axis == -1 else "channel"
+    if codes is None:
+        return QTensor(scale=numpy_to_tensor(s), bits=bits, granularity=gran, packed=packed, shape=shape)
+    return QTensor(codes=codes, scale=numpy_to_tensor(s), bits=bits, granularity=gran)
 
 
 def record_nbytes(arrays: ArrayRecord) -> int:
@@ -391,7 +436,7 @@ def load_broadcast(qmodel: torch.nn.Module, decoded: Mapping[str, QTensor | torc
             if v.bits != layer.bits or v.granularity != layer.granularity:
                 raise ValueError(f"{key}: broadcast has {v.bits}-bit {v.granularity} codes, layer expects "
                                  f"{layer.bits}-bit {layer.granularity}")
-            layer.load_quantized(v.codes, v.scale)
+            v.load_into(layer)
         else:
             dst = targets.get(key)
             if dst is None:
@@ -430,7 +475,7 @@ def load_client_broadcast(model: torch.nn.Module, decoded: Any) -> None:
         for key, value in (decoded.items() if hasattr(decoded, "items") else decoded):
             if isinstance(value, QTensor):
                 if key in qlayers:
-                    qlayers[key].load_quantized(value.codes, value.scale)
+                    value.load_into(qlayers[key])
                 elif key in tensors:
                     tensors[key].copy_(value.dequantize().to(tensors[key].dtype))
                 else:

@@ -34,12 +34,22 @@ def reference_index(rows: list[dict[str, Any]]) -> tuple[int, str]:
                f"{r['peak_mib']:.1f} MiB)")
 
 
+def limit_ratio(bits: int, uplink_bits: int) -> float:
+    """The physical-limit estimate of a FedSGD client's peak relative to the float32 / float32-upload client,
+    ``(b_w + b_up) / 64`` (issue 17): the least a client holds is its weights at ``b_w`` bits per parameter and its
+    encoded upload at ``b_up`` bits, against 32 + 32 for float32 weights and a float32 gradient (activations,
+    scales, float parameters and message overheads excluded)."""
+    return (int(bits) + int(uplink_bits)) / 64.0
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> str:
-    """Set ``ratio`` = peak / reference peak on every row; returns the reference note."""
+    """Set ``ratio`` = peak / reference peak and ``limit_ratio`` = :func:`limit_ratio` on every row; returns the
+    reference note."""
     i, note = reference_index(rows)
     ref = rows[i]["peak_mib"]
     for r in rows:
         r["ratio"] = r["peak_mib"] / ref if ref > 0 else float("nan")
+        r["limit_ratio"] = limit_ratio(r["bits"], r["uplink_bits"])
     return note
 
 
@@ -64,7 +74,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str = "") -> tup
 
     out.mkdir(parents=True, exist_ok=True)
     cats = category_columns(rows)
-    lead = ID_COLUMNS + ["peak_mib"] + cats + ["ratio"]
+    lead = ID_COLUMNS + ["peak_mib"] + cats + ["ratio"] + (["limit_ratio"] if "limit_ratio" in rows[0] else [])
     df = pd.DataFrame(rows)
     df = df[lead + [c for c in df.columns if c not in lead]]
     csv_path = out / "memory.csv"
@@ -96,17 +106,20 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str = "") -> tup
 
 
 def rich_table(rows: list[dict[str, Any]], title: str) -> Any:
+    """The terminal table: one row per profiled round; ``ratio`` (peak / reference) next to ``limit``, the
+    physical-limit estimate ``(b_w + b_up) / 64`` (:func:`limit_ratio`)."""
     from rich.table import Table
 
     t = Table(title=title)
     cats = category_columns(rows)
-    for c in ["bits", "uplink", "algorithm", "ckpt", "peak MiB", "ratio", "train MiB"] + \
+    for c in ["bits", "uplink", "algorithm", "ckpt", "peak MiB", "ratio", "limit", "train MiB"] + \
             [c[4:-4] for c in cats] + ["saved f32/i8", "RSS MiB", "upload MiB", "dominant"]:
         t.add_column(c, justify="left" if c in ("algorithm", "dominant") else "right")
     for r in rows:
         saved = f"{r.get('saved_float32_mib', 0.0):.1f}/{r.get('saved_int8_mib', 0.0):.1f}"
         t.add_row(str(r["bits"]), str(r["uplink_bits"]), r["algorithm"], r["checkpointing"], f"{r['peak_mib']:.1f}",
-                  f"{r['ratio']:.3f}", f"{r.get('train_peak_mib', r['peak_mib']):.1f}",
+                  f"{r['ratio']:.3f}", f"{r.get('limit_ratio', limit_ratio(r['bits'], r['uplink_bits'])):.3f}",
+                  f"{r.get('train_peak_mib', r['peak_mib']):.1f}",
                   *[f"{r[c]:.1f}" for c in cats], saved, f"{r['rss_peak_mib']:.0f}",
                   f"{r['upload_mib']:.1f}", dominant(r))
     return t

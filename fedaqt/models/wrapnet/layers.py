@@ -93,12 +93,15 @@ class WrapWeightCodes(QuantLayer):
     It is a child ``qweight`` of its WrapNet layer with ``weight_key = "<layer>.weight"``, so the client code
     loads it with ``load_quantized``, trains it through the weight-grad hook (FedSGD) or ``requantize_`` (FedAvg)
     and uploads ``dL/dŵ``. :meth:`wrap_weight` turns ``ŵ = s*q`` into the layer's binary/ternary/multi-bit
-    weights with the same quantizer the server model uses (:func:`quantize_weight`).
+    weights with the same quantizer the server model uses (:func:`quantize_weight`). Its 4-bit codes stay one int8
+    per code (``pack_int4_codes = False``; the packed layout of issue 17 is for the native quantized layers).
 
     Args:
         weight_shape: ``[out, ...]`` of the float weight.
         bits: broadcast bit-width, 8 or 4. granularity: ``"tensor"`` or ``"channel"``.
     """
+
+    pack_int4_codes = False
 
     def __init__(self, weight_shape: Sequence[int], bits: int, granularity: str,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
