@@ -296,7 +296,7 @@ def test_decode_update_rejects_bad_replies():
     with pytest.raises(ValueError, match="nan.grad"):
         encode_update({"nan.grad": torch.tensor([[1.0, float("nan")]])}, 8)
     with pytest.raises(ValueError, match="uplink_bits"):
-        encode_update(tensors, 4)
+        encode_update(tensors, 2)  # 4 became a valid uplink width (issue 17); 2 is not
     # float16 overflow becomes inf and is rejected by the server
     big = encode_update({"g": torch.tensor([1e5, 0.0])}, 16)
     with pytest.raises(ValueError, match="g"):
