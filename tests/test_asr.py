@@ -111,3 +111,34 @@ def test_missing_data_dir_says_how_to_build(tmp_path):
     w = ASRWorkload(RunConfig(options={"data_dir": str(tmp_path / "nope")}))
     with pytest.raises(FileNotFoundError, match="fedaqt data speech"):
         w.prepare()
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_sublayer_checkpointing_equals_torchaudio_forward_with_dropout(bits):
+    """Sub-module checkpoint segments (the default granularity) recompute torchaudio's own ConformerLayer.forward:
+    same log-probabilities and bitwise-equal gradients as no checkpointing (torchaudio's forward, the reference)
+    and as one segment per block, with dropout on (each segment replays its RNG state)."""
+    torch.manual_seed(0)
+    model = ConformerCTC(80, len(VOCAB), size="tiny", dropout=0.1)
+    if bits < 32:
+        model = convert_to_quantized(model, bits, "tensor", is_encoder_matrix)
+    feats = torch.randn(2, 60, 80)
+    lengths = torch.tensor([60, 44])
+    outs, grads = [], []
+    for ckpt, gran in ((False, "sublayer"), (True, "layer"), (True, "sublayer")):
+        model.checkpointing, model.checkpoint_granularity = ckpt, gran
+        model.train()
+        for p in model.parameters():
+            p.grad = None
+        for layer in quant_layers(model).values():
+            layer.zero_weight_grad()
+        torch.manual_seed(123)
+        lp, _ = model(feats, lengths)
+        lp.sum().backward()
+        outs.append(lp.detach())
+        grads.append(model_gradients(model))
+    for i in (1, 2):
+        assert torch.equal(outs[0], outs[i])
+        assert grads[0].keys() == grads[i].keys()
+        for k in grads[0]:
+            assert torch.equal(grads[0][k], grads[i][k]), (i, k)

@@ -9,8 +9,9 @@ Layout (the names matter: the quantizer selects layers by qualified name):
   matrices are quantized.
 * ``head``: ``nn.Linear(d_model, vocab)`` CTC head. Stays float (the "decoder" of spec §2.1).
 
-Gradient checkpointing (spec §2.2 step 2) wraps every Conformer block with
-``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``; set ``model.checkpointing``.
+Gradient checkpointing (spec §2.2 step 2) wraps every sub-module of every Conformer block (``"sublayer"``, the
+default) or every whole block (``"layer"``) with ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``;
+set ``model.checkpointing`` and ``model.checkpoint_granularity``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class ConformerCTC(nn.Module):
         )
         self.head = nn.Linear(hp.d_model, vocab_size)
         self.checkpointing = True
+        #: "sublayer": each half-step FFN, the attention block and the convolution module of a Conformer block is
+        #: its own checkpoint segment, so backward recomputes and holds one sub-module's activations at a time
+        #: (plus 4 [T, B, D] segment inputs per block); "layer": one segment per block (holds a whole block's).
+        self.checkpoint_granularity = "sublayer"
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Encoder frames for input ``lengths`` (int64 [B])."""
@@ -99,12 +104,41 @@ class ConformerCTC(nn.Module):
         x = x.transpose(0, 1)  # torchaudio ConformerLayer works on [T, B, D]
         use_ckpt = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoder.conformer_layers:
-            if use_ckpt:
+            if use_ckpt and self.checkpoint_granularity == "sublayer":
+                x = _sublayer_checkpointed(layer, x, padding_mask)
+            elif use_ckpt:
                 x = checkpoint(layer, x, padding_mask, use_reentrant=False)
             else:
                 x = layer(x, padding_mask)
         x = x.transpose(0, 1)
         return F.log_softmax(self.head(x), dim=-1), out_lengths
+
+
+def _half_ffn(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return ffn(x) * 0.5 + x
+
+
+def _attention_block(layer: nn.Module, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    y = layer.self_attn_layer_norm(x)
+    y, _ = layer.self_attn(query=y, key=y, value=y, key_padding_mask=padding_mask, need_weights=False)
+    return layer.self_attn_dropout(y) + x
+
+
+def _last_half_ffn(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer.final_layer_norm(layer.ffn2(x) * 0.5 + x)
+
+
+def _sublayer_checkpointed(layer: nn.Module, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """torchaudio ``ConformerLayer.forward`` (torchaudio 2.11, same operations in the same order) with one
+    non-reentrant checkpoint per sub-module: FFN/2, [conv], MHSA, [conv], FFN/2 + LayerNorm. Dropout masks are the
+    same as without checkpointing (each segment replays its RNG state). x: float [T, B, D]; returns [T, B, D]."""
+    x = checkpoint(_half_ffn, layer.ffn1, x, use_reentrant=False)
+    if layer.convolution_first:
+        x = checkpoint(layer._apply_convolution, x, use_reentrant=False)
+    x = checkpoint(_attention_block, layer, x, padding_mask, use_reentrant=False)
+    if not layer.convolution_first:
+        x = checkpoint(layer._apply_convolution, x, use_reentrant=False)
+    return checkpoint(_last_half_ffn, layer, x, use_reentrant=False)
 
 
 def is_encoder_matrix(name: str, module: nn.Module) -> bool:
