@@ -6,6 +6,7 @@
 3. Print WER/CER on the held-out speakers and on real recorded speech, plus bytes on the wire.
 
 Run: .venv/bin/python bench/asr_bits.py [--rounds 60] [--pretrain-steps 300] [--out runs/bench_asr_bits]
+     .venv/bin/python bench/asr_bits.py --bits 4/32,4/8,4/4   # int4 weights at uplink 32, 8 and 4 (BITS/UPLINK)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients-per-round", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=2, help="client batch size (the dissertation used 2)")
-    ap.add_argument("--bits", default="32,8,4")
+    ap.add_argument("--bits", default="32,8,4",
+                    help="comma-separated arms: BITS (float32 upload) or BITS/UPLINK_BITS, e.g. 32,8,4 or 4/32,4/8,4/4")
     add_common_args(ap, "runs/bench_asr_bits")
     args = ap.parse_args()
 
@@ -36,23 +38,34 @@ def main() -> None:
     print(f"== pretraining centrally on speakers 0..{half - 1} ({args.pretrain_steps} Adam steps, batch {args.pretrain_batch})")
     ckpt, pre = pretrain_central(Path(args.pretrain_dir), half, args.pretrain_steps, args.pretrain_batch, 1e-3, args.seed, args.data_dir)
     rows = [{"weights": "pretrained (no FL)", "eval_wer": pre["eval_wer"], "eval_cer": pre["eval_cer"],
-             "real_wer": pre.get("real_wer"), "real_cer": pre.get("real_cer"), "MiB_down/round": 0.0}]
-    for bits in [int(b) for b in args.bits.split(",")]:
-        print(f"== FedSGD fine-tuning on speakers {half}..{speakers_total - 1} at {bits} bits, {args.rounds} rounds")
+             "real_wer": pre.get("real_wer"), "real_cer": pre.get("real_cer"), "MiB_down/round": 0.0,
+             "MiB_up/round": 0.0}]
+    arms = []
+    for arm in args.bits.split(","):
+        b, _, u = arm.strip().partition("/")
+        try:
+            arms.append((int(b), int(u) if u else 32))
+        except ValueError:
+            ap.error(f"--bits arm {arm!r} is not BITS or BITS/UPLINK_BITS")
+    for bits, uplink in arms:
+        name = f"bits{bits}" if uplink == 32 else f"bits{bits}_up{uplink}"
+        print(f"== FedSGD fine-tuning on speakers {half}..{speakers_total - 1} at {bits} bits, uplink {uplink}, "
+              f"{args.rounds} rounds")
         cfg = RunConfig(
             bits=bits, granularity=args.granularity, strategy="fedsgd", algorithm="fedsgd",
             num_clients=half, clients_per_round=args.clients_per_round, rounds=args.rounds,
             batch_size=args.batch_size, server_lr=args.server_lr, server_momentum=0.9, seed=args.seed,
-            eval_every=args.rounds, out=str(out / f"bits{bits}"),
+            uplink_bits=uplink, eval_every=args.rounds, out=str(out / name),
             options={"speaker_offset": half, "init_checkpoint": str(ckpt), "data_dir": args.data_dir},
         )
         summary = run_or_reuse(cfg)
-        rounds = pd.read_csv(out / f"bits{bits}" / "rounds.csv")
+        rounds = pd.read_csv(out / name / "rounds.csv")
         rows.append({
-            "weights": "float32" if bits == 32 else f"int{bits}",
+            "weights": ("float32" if bits == 32 else f"int{bits}") + ("" if uplink == 32 else f"+up{uplink}"),
             "eval_wer": summary.get("final_eval_wer"), "eval_cer": summary.get("final_eval_cer"),
             "real_wer": summary.get("final_real_wer"), "real_cer": summary.get("final_real_cer"),
             "MiB_down/round": rounds["bytes_down"].mean() / 2**20,
+            "MiB_up/round": rounds["bytes_up"].mean() / 2**20,
         })
     table = pd.DataFrame(rows)
     print()
