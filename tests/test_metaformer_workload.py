@@ -212,3 +212,15 @@ def test_metaformer_ray_run_reports_accuracy(tmp_path):
     assert len(rounds) == 2 and rounds["eval_accuracy"].notna().all() and rounds["eval_accuracy_client"].notna().all()
     summary = json.loads((out / "summary.json").read_text())
     assert "final_eval_accuracy" in summary
+
+
+def test_local_len_beyond_4096_is_refused_naming_key_value_and_bound():
+    """A huge M only grows the [2M-1, heads] bias table (M >= tokens is already global): refused before any work."""
+    from fedaqt.config import ConfigError
+    from fedaqt.options import options_for
+    from fedaqt.workloads.metaformer import MetaFormerWorkload
+
+    for key in ("local_len", "eval_local_len"):
+        with pytest.raises(ConfigError, match=rf"{key}=1000000 .*<= 4096"):
+            options_for(MetaFormerWorkload.Options, {key: 1000000}, "workload metaformer")
+        assert getattr(options_for(MetaFormerWorkload.Options, {key: 4096}, "workload metaformer"), key) == 4096

@@ -59,7 +59,10 @@ class MetaFormerOptions(PartitionOptions):
     )
     mixers: str = Field("CCLL", description="token mixer per stage, 4 letters: C dw-conv, A global MHSA, L LSA, "
                                             "W window attention (no shift)")
-    local_len: int = Field(0, ge=0, description="LSA local length M (0 = the variant's: small 7, others 49)")
+    # M beyond a stage's token count is global attention but still grows the [2M-1, heads] bias table, so M is
+    # bounded by 4096 tokens (a 64x64 stage-3 grid, the largest size bench/lsa.py measures).
+    local_len: int = Field(0, ge=0, le=4096,
+                           description="LSA local length M (0 = the variant's: small 7, others 49; M >= tokens = global)")
     swap: bool = Field(True, description="alternate row-/column-major flatten between consecutive LSA blocks")
     bias: bool = Field(True, description="LSA 1-D relative position bias table [2M-1, heads]")
     layer_scale: float = Field(0.0, ge=0, description="initial layer scale (0 = the variant's: small 1.0, "
@@ -72,7 +75,7 @@ class MetaFormerOptions(PartitionOptions):
     train_size: int = Field(0, ge=0, description="use only this many training images (0 = all)")
     eval_size: int = Field(1000, ge=1, description="test images used by evaluate (a fixed subset of the test split)")
     eval_client: bool = Field(True, description="with --bits 8/4 also score the clients' quantized model")
-    eval_local_len: int = Field(0, ge=0, description="evaluate LSA at this local length (0 = the trained one)")
+    eval_local_len: int = Field(0, ge=0, le=4096, description="evaluate LSA at this local length (0 = the trained one)")
 
     @field_validator("mixers")
     @classmethod
