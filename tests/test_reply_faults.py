@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("toy_registered")
 
 BAD = 1  # the tampered client's partition
 KEY = "enc1.weight"
+WEIGHT_SHAPE = (8, 6)  # tests/toy.py: enc1 = nn.Linear(6, 8)
 
 
 def _cfg(tmp_path, **kw):
@@ -160,11 +161,20 @@ def _final_codes_round(tmp_path, bits, tamper):
     return server, grid, pd.read_csv(tmp_path / "clients.csv")
 
 
-def _codes_out_of_range(content):
+def _codes_out_of_range(content, unpacked: bool = False):
+    """4-bit final codes travel packed two per byte (issue 17): put the nibble 8 (= -8, outside [-7, 7]) into the
+    first byte; with ``unpacked`` send the codes as int8 (also accepted) with one code of 100."""
     arrays = {k: a for k, a in content["arrays"].items()}
     q = arrays[KEY].numpy().copy()
-    assert q.dtype == np.int8
-    q.flat[0] = 100  # a valid int8 code, but outside [-7, 7] of a 4-bit run
+    assert q.dtype == np.uint8
+    if unpacked:
+        lo, hi = (q & 0xF).astype(np.int16), (q >> 4).astype(np.int16)  # independent numpy unpack (two's complement)
+        codes = np.stack([lo, hi], axis=1).reshape(-1)
+        codes = np.where(codes > 7, codes - 16, codes).astype(np.int8)[: int(np.prod(WEIGHT_SHAPE))]
+        q = codes.reshape(WEIGHT_SHAPE)
+        q.flat[0] = 100  # a valid int8 code, but outside [-7, 7] of a 4-bit run
+    else:
+        q.flat[0] = (int(q.flat[0]) & 0xF0) | 0x08
     arrays[KEY] = Array(q)
     return _replace(content, arrays=ArrayRecord(arrays))
 
@@ -173,20 +183,20 @@ def _meta(content, keys):
     return _replace(content, update=ConfigRecord({"format": "final-codes", "keys": keys}))
 
 
-@pytest.mark.parametrize("defect", ["codes beyond 4 bits", "duplicate key", "missing key"])
+@pytest.mark.parametrize("defect", ["codes beyond 4 bits", "int8 codes beyond 4 bits", "duplicate key", "missing key"])
 def test_bad_final_codes_are_rejected(tmp_path, defect):
     def tamper(c):
         keys = list(c["update"]["keys"])
         assert keys == ["enc1.weight", "enc2.weight"]
-        if defect == "codes beyond 4 bits":
-            return _codes_out_of_range(c)
+        if defect.endswith("codes beyond 4 bits"):
+            return _codes_out_of_range(c, unpacked=defect.startswith("int8"))
         if defect == "duplicate key":
             return _meta(c, keys + [keys[0]])
         return _meta(c, keys[1:])
 
     _, _, clients = _final_codes_round(tmp_path, 4, tamper)
     bad = clients[clients.client_id == BAD].iloc[0]
-    needle = {"codes beyond 4 bits": "outside [-7, 7]", "duplicate key": "more than once",
+    needle = {"codes beyond 4 bits": "-8", "int8 codes beyond 4 bits": "outside [-7, 7]", "duplicate key": "more than once",
               "missing key": "missing from the final-codes keys"}[defect]
     assert bad.status == "rejected" and needle in bad.error, bad.error
     assert list(clients[clients.client_id != BAD].status) == ["ok", "ok"]
