@@ -21,7 +21,7 @@ console = Console()
 
 
 #: ``fedaqt run`` flags that set a workload option of the same name (they were RunConfig fields before)
-OPTION_SHORTCUTS = ("data_dir", "model_size", "real_eval", "real_eval_max", "partition", "alpha")
+OPTION_SHORTCUTS = ("data_dir", "model_size", "real_eval", "real_eval_max", "partition", "alpha", "device_trace", "deadline_s")
 
 
 def _fail(msg: str) -> None:
@@ -61,6 +61,8 @@ def run(
     alpha: Optional[float] = typer.Option(None, help="workload option alpha: Dirichlet concentration for partition dirichlet"),
     ray_address: Optional[str] = typer.Option(None, help="attach to an existing Ray cluster (e.g. 127.0.0.1:6379)"),
     device_profile: Optional[str] = typer.Option(None, help="CSV of per-client memory budgets"),
+    device_trace: Optional[str] = typer.Option(None, help="core option device_trace: device trace CSV (simulated clock, availability)"),
+    deadline_s: Optional[float] = typer.Option(None, help="core option deadline_s: simulated round deadline in seconds (needs --device-trace)"),
     option: list[str] = typer.Option([], "--option", "-o", help="option KEY=VALUE (repeatable) of the core (round_timeout, max_nonfinite_rounds, profile_memory), the workload, strategy or algorithm: `fedaqt plugins show NAME`"),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete round (its config.json; only --num-cpus, --client-num-cpus, --ray-address may change)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Flower/Ray logs"),
@@ -178,6 +180,14 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
     Console(width=max(console.width, 130)).print(table)  # wide enough not to elide numbers in pipes
     fig = plot_metrics(rounds, Path(run_dir) / "figures" / "metrics.png", title=str(run_dir))
     console.print(f"figure: {fig}")
+    if "sim_time" in rounds and (Path(run_dir) / "clients.csv").exists():
+        import pandas as pd
+
+        from fedaqt.report.figures import plot_clock
+
+        clock = plot_clock(rounds, pd.read_csv(Path(run_dir) / "clients.csv"), Path(run_dir) / "figures" / "clock.png",
+                           title=str(run_dir))
+        console.print(f"figure: {clock}")
 
 
 @data_app.command("speech")

@@ -3,7 +3,8 @@
 The user's flat ``RunConfig.options`` table (``-o KEY=VALUE`` on the command line, ``[options]`` in a TOML) is
 split by key among the models that declare the keys:
 
-* ``core`` -- :class:`CoreOptions` (``round_timeout``, ``max_nonfinite_rounds``, ``profile_memory``), read by the
+* ``core`` -- :class:`CoreOptions` (``round_timeout``, ``max_nonfinite_rounds``, ``profile_memory``,
+  ``device_trace``, ``deadline_s``), read by the
   server and the clients whatever the plugins;
 * ``workload NAME`` -- ``Workload.Options`` of the selected workload;
 * ``strategy NAME`` -- ``StrategyPlugin.Options`` of the selected strategy;
@@ -65,6 +66,10 @@ class CoreOptions(BaseOptions):
         3, ge=1, description="rounds whose aggregated model may be non-finite (skipped) before the run stops"
     )
     profile_memory: bool = Field(False, description="clients measure their memory every round (clients.csv)")
+    device_trace: str = Field("", description="device trace CSV (compute_speed, bandwidth_mbps, on_probability): "
+                                              "simulated clock and availability, fedaqt.server.clock")
+    deadline_s: float = Field(0.0, ge=0, description="simulated round deadline in seconds (0 = none): slower "
+                                                     "clients are stragglers, not aggregated; needs device_trace")
 
 
 # ---------------------------------------------------------------------------------------------- describing fields

@@ -57,6 +57,9 @@ def preflight(config: RunConfig) -> RunConfig:
         from fedaqt.server.budgets import validate_device_profile
 
         validate_device_profile(config)  # ConfigError naming the file, line and value
+    from fedaqt.server.clock import validate_device_trace
+
+    validate_device_trace(config)  # -o device_trace / deadline_s: ConfigError naming the file, line and value
     if config.ray_address:
         resolve_ray_address(config.ray_address)  # 'auto': what it found, refused when not this user's
     try:

@@ -52,3 +52,48 @@ def plot_metrics(rounds: pd.DataFrame, out_path: str | Path, title: str = "") ->
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_clock(rounds: pd.DataFrame, clients: pd.DataFrame, out_path: str | Path, title: str = "") -> Path:
+    """Save the simulated-clock figure of a run with a device trace (:mod:`fedaqt.server.clock`): the first
+    evaluation metric against simulated time (rounds.csv ``sim_time``, seconds), and per tier (clients.csv ``tier``;
+    the client id in the per-client layout) the count of sampled clients by status (ok, straggler, ...).
+
+    Raises:
+        ValueError: rounds.csv has no ``sim_time`` column (the run had no device trace).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "sim_time" not in rounds:
+        raise ValueError("rounds.csv has no sim_time column: the run had no device trace (-o device_trace=FILE)")
+    cols = metric_columns(rounds) or [c for c in ("train_loss",) if c in rounds]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    ax = axes[0][0]
+    for c in cols[:2]:
+        d = rounds[["sim_time", c]].dropna()
+        ax.plot(d["sim_time"], d[c], marker="o" if len(d) < 30 else None, label=c)
+    ax.set_xlabel("simulated time (s)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax = axes[0][1]
+    key = clients["tier"].astype(object).fillna("").astype(str) if "tier" in clients else clients["client_id"].astype(str)
+    key = key.where(key != "", clients["client_id"].astype(str))
+    table = pd.crosstab(key, clients["status"])
+    bottom = None
+    for status in table.columns:
+        ax.bar(table.index.astype(str), table[status], bottom=bottom, label=status)
+        bottom = table[status] if bottom is None else bottom + table[status]
+    ax.set_xlabel("tier")
+    ax.set_ylabel("sampled clients (all rounds)")
+    ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

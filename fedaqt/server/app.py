@@ -83,11 +83,20 @@ def float_state_split(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str
     return params, buffers
 
 
-def sample_partitions(seed: int, server_round: int, num_clients: int, clients_per_round: int) -> list[int]:
+def sample_partitions(seed: int, server_round: int, num_clients: int, clients_per_round: int,
+                      available: list[int] | None = None) -> list[int]:
     """The data partitions trained in ``server_round``: ``clients_per_round`` distinct ids of ``range(num_clients)``,
-    sorted, a deterministic function of ``(seed, round)`` (numpy ``default_rng([seed, 7919, round])``)."""
+    sorted, a deterministic function of ``(seed, round)`` (numpy ``default_rng([seed, 7919, round])``).
+
+    ``available`` (a device trace's clients that are on this round, :meth:`fedaqt.server.clock.DeviceTrace.available`):
+    draw ``min(clients_per_round, len(available))`` of those instead; None = every client is available."""
     rng = np.random.default_rng([seed, 7919, server_round])
-    return sorted(rng.choice(num_clients, size=clients_per_round, replace=False).tolist())
+    if available is None:
+        return sorted(rng.choice(num_clients, size=clients_per_round, replace=False).tolist())
+    pool = np.asarray(sorted(set(int(c) for c in available)), dtype=np.int64)
+    if pool.size == 0:
+        return []
+    return sorted(rng.choice(pool, size=min(clients_per_round, int(pool.size)), replace=False).tolist())
 
 
 def make_spec(config: RunConfig, workload: Workload, model: nn.Module) -> BroadcastSpec:
@@ -301,8 +310,16 @@ class Server:
         self.node_map = ActorNodeMap()
         self.rejected_updates: list[dict[str, Any]] = []
         self.on_round_end: Callable[[], None] | None = None  # set by make_server_app (the launcher's hook)
+        from fedaqt.server.clock import validate_device_trace
+
+        #: the device trace (``-o device_trace``) driving availability and the simulated clock; None = off
+        self.trace = validate_device_trace(config)
+        self.deadline_s = core_options(config).deadline_s
+        self.sim_time = 0.0  # simulated seconds of the rounds done (rounds.csv ``sim_time``)
+        self.available: list[int] | None = None  # this round's available clients (trace only)
         if resume:
             self.restore()
+            self.sim_time = self.simulated_time_done()
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, rnd: int) -> None:
@@ -426,7 +443,8 @@ class Server:
             config = protocol.train_config(self.config.to_dict())
         messages = list(self.strategy.configure_train(rnd, self.broadcast_state(), ConfigRecord(dict(config)), grid))
         cfg = self.config
-        partitions = sample_partitions(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+        self.available = self.trace.available(cfg.seed, rnd) if self.trace is not None else None
+        partitions = sample_partitions(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round, self.available)
         self.partition_of, self.sent_quantized = {}, {}
         final_codes = self.spec.update_kind == "delta" and self.spec.bits < 32 and bool(self.spec.quantized_keys)
         decoded: dict[int, dict[str, QTensor]] = {}
@@ -506,6 +524,9 @@ class Server:
                 self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
             replies = self.in_partition_order(replies)
             rows, accepted = self.validate_replies(rnd, replies)
+            sim_row: dict[str, Any] = {}
+            if self.trace is not None:
+                rows, accepted, sim_row = self.apply_clock(rnd, messages, rows, accepted)
             before = strategy_state(self.strategy)  # restored if the aggregated model is not finite
             keys = list(self.spec.param_shapes)
             normalized = [protocol.normalized_reply(update, keys, n, int(msg.metadata.src_node_id))
@@ -541,6 +562,7 @@ class Server:
                 "clients_sampled": len(messages),
                 "update_rejected": int(bool(rejected)),
             }
+            row.update(sim_row)
             for k, v in (metrics.items() if metrics is not None else ()):  # the strategy's own statistics
                 if k != NUM_EXAMPLES and k not in row:
                     row[k] = v
@@ -562,6 +584,57 @@ class Server:
                     f"then continue with `fedaqt run --resume {self.run.root}`"
                 )
         return self.finish()
+
+    def apply_clock(self, rnd: int, messages: list[Any], rows: list[ClientRow],
+                    accepted: list[tuple[Any, dict[str, torch.Tensor], int]]
+                    ) -> tuple[list[ClientRow], list[tuple[Any, dict[str, torch.Tensor], int]], dict[str, Any]]:
+        """The simulated clock of round ``rnd`` (:mod:`fedaqt.server.clock`): every reply's row gets ``sim_seconds``
+        and ``tier``; an accepted client past ``deadline_s`` becomes ``status=straggler`` and leaves ``accepted``.
+        Returns (rows, accepted, the rounds.csv columns ``sim_seconds``, ``sim_time``, ``clients_available``,
+        ``stragglers``)."""
+        from fedaqt.server.clock import simulated_seconds
+
+        assert self.trace is not None
+        down = {int(m.metadata.dst_node_id): int(record_nbytes(m.content[BROADCAST_KEY])) for m in messages}
+        ok_nodes = {int(msg.metadata.src_node_id) for msg, _, _ in accepted}
+        dropped: set[int] = set()
+        times: list[float] = []
+        for row in rows:
+            if row.client_id < 0 or row.client_id not in self.trace.devices:
+                continue
+            dev = self.trace.device(row.client_id)
+            row.extra["tier"] = dev.tier or ""
+            if row.status not in ("ok", "over_budget"):  # no reply to time (error, died, rejected)
+                continue
+            seconds = row.seconds if math.isfinite(row.seconds) else 0.0
+            t = simulated_seconds(seconds, down.get(int(row.node_id), 0), int(row.bytes_up), dev)
+            row.extra["sim_seconds"] = t
+            times.append(t)
+            if self.deadline_s > 0 and t > self.deadline_s and int(row.node_id) in ok_nodes:
+                row.status = "straggler"
+                row.error = f"simulated round time {t:.3f} s > deadline_s {self.deadline_s:g} s"
+                dropped.add(int(row.node_id))
+                log.info("round %d: client %d straggler: %s", rnd, row.client_id, row.error)
+        accepted = [a for a in accepted if int(a[0].metadata.src_node_id) not in dropped]
+        if dropped:
+            sim = float(self.deadline_s)
+        else:
+            sim = max(times, default=0.0)
+        self.sim_time += sim
+        return rows, accepted, {"sim_seconds": sim, "sim_time": self.sim_time,
+                                "clients_available": len(self.available or []), "stragglers": len(dropped)}
+
+    def simulated_time_done(self) -> float:
+        """``sim_time`` of the last round in rounds.csv (0 when there is none): the clock continues on resume."""
+        import pandas as pd
+
+        path = self.run.rounds.path
+        if self.trace is None or not Path(path).exists():
+            return 0.0
+        df = pd.read_csv(path)
+        if "sim_time" not in df or not len(df):
+            return 0.0
+        return float(df["sim_time"].iloc[-1])
 
     def nonfinite_reason(self, arrays: ArrayRecord, buffers: dict[str, np.ndarray] | None = None) -> str:
         """'' when every aggregated parameter and float buffer (``buffers``, default the current ones) is finite,
