@@ -21,7 +21,9 @@ console = Console()
 
 
 #: ``fedaqt run`` flags that set a workload option of the same name (they were RunConfig fields before)
-OPTION_SHORTCUTS = ("data_dir", "model_size", "real_eval", "real_eval_max", "partition", "alpha", "device_trace", "deadline_s")
+OPTION_SHORTCUTS = ("data_dir", "model_size", "real_eval", "real_eval_max", "partition", "alpha")
+#: flags that set a core option of the same name (fedaqt.options.CoreOptions)
+CORE_SHORTCUTS = ("device_trace", "deadline_s")
 
 
 def _fail(msg: str) -> None:
@@ -73,8 +75,8 @@ def run(
 
     cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "resume", "verbose", "resolve_config", "resolve_resume_config", "run_experiment", "ConfigError")}
     # --data-dir, --model-size, ... are shortcuts for workload options (-o wins when both are given)
-    shortcuts = {k: cli.pop(k) for k in OPTION_SHORTCUTS if cli.get(k) is not None}
-    for k in OPTION_SHORTCUTS:
+    shortcuts = {k: cli.pop(k) for k in OPTION_SHORTCUTS + CORE_SHORTCUTS if cli.get(k) is not None}
+    for k in OPTION_SHORTCUTS + CORE_SHORTCUTS:
         cli.pop(k, None)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
