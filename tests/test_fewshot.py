@@ -140,3 +140,29 @@ def test_r_fc_r_hv_cka():
 def test_backbones_shapes():
     x = torch.randn(3, 1, 28, 28)
     assert Conv4(1, 32)(x).shape == (3, 32) and ResNet12(1, 8)(x).shape == (3, 64)
+
+
+def test_readers_on_fake_trees(tmp_path):
+    import pickle
+
+    from PIL import Image
+
+    from fedaqt.data.fewshot import load_pool
+
+    for sub, alphabets in (("images_background", ("Aa", "Bb")), ("images_evaluation", ("Cc",))):
+        for a in alphabets:
+            for ch in ("character01", "character02"):
+                d = tmp_path / "omni" / sub / a / ch
+                d.mkdir(parents=True)
+                for i in range(3):
+                    Image.fromarray(np.full((105, 105), 255 - i, np.uint8)).save(d / f"{i}.png")
+    bg = load_pool("omniglot", "background", str(tmp_path / "omni"))
+    ev = load_pool("omniglot", "evaluation", str(tmp_path / "omni"))
+    assert bg.images.shape == (12, 1, 28, 28) and bg.names[:2] == ["Aa/character01", "Aa/character02"]
+    assert ev.n_classes == 2 and int(ev.images.max()) == 2  # inverted: 255 - (255 - 2)
+    data = np.random.default_rng(0).integers(0, 255, size=(6, 32, 32, 3), dtype=np.uint8)
+    with open(tmp_path / "CIFAR_FS_test.pickle", "wb") as f:
+        pickle.dump({"data": data, "labels": [7, 7, 3, 3, 9, 9]}, f)
+    p = load_pool("cifarfs", "test", str(tmp_path))
+    assert p.images.shape == (6, 3, 32, 32) and p.labels.tolist() == [1, 1, 0, 0, 2, 2]
+    assert torch.equal(p.images[0], torch.from_numpy(data[0]).permute(2, 0, 1))
