@@ -211,6 +211,30 @@ def data_speech(
     console.print_json(json.dumps(info, default=str))
 
 
+@data_app.command("glyphs")
+def data_glyphs(
+    out: str = typer.Option("data/glyphs", help="output directory (glyphs.npz + manifest.json)"),
+    instances: int = typer.Option(20, help="images per class (font x distortion)"),
+    max_classes_per_script: int = typer.Option(40, help="at most this many characters per script"),
+    seed: int = typer.Option(0, help="seed for the class choice, script split and distortions"),
+    font_dir: str = typer.Option("/usr/share/fonts/truetype/noto", help="directory of .ttf fonts (fonts-noto-core)"),
+) -> None:
+    """Build the Omniglot-like glyph set (one class per character, splits by script) for few-shot learning."""
+    from rich.progress import Progress
+
+    from fedaqt.data.glyphs import build_glyphs
+
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("rendering glyph classes", total=None)
+            info = build_glyphs(out, font_dir=font_dir, instances=instances,
+                                max_classes_per_script=max_classes_per_script, seed=seed,
+                                progress=lambda i, n: bar.update(task, completed=i, total=n))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print_json(json.dumps(info, default=str))
+
+
 @plugins_app.command("list")
 def plugins_list() -> None:
     """List workloads and strategies: name, kind, source package, description."""

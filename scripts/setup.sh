@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(flite espeak-ng asterisk-core-sounds-en-wav asterisk-core-sounds-en dataset-fashion-mnist)
+APT_PACKAGES=(flite espeak-ng asterisk-core-sounds-en-wav asterisk-core-sounds-en dataset-fashion-mnist fonts-noto-core)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -30,8 +30,14 @@ echo "==> installing fedaqt (torch 2.14.1, torchaudio 2.11.0, flwr[simulation] 1
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, torchaudio, flwr; assert torch.__version__.startswith('2.14.1'), torch.__version__; print('torch', torch.__version__, 'torchaudio', torchaudio.__version__, 'flwr', flwr.__version__)"
+# qpth (MetaOptNet-SVM's differentiable QP) pins numpy<2 in its metadata, which would downgrade numpy under
+# pandas 3; it runs fine on numpy 2, so it is installed without its pins (cvxpy, its other dependency, normally).
+.venv/bin/python -m pip install -q cvxpy 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --no-deps qpth 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/lint-imports --version >/dev/null  # import-linter (test extra): the layering contracts in pyproject.toml
 
 echo "==> building the default speech corpus in data/speech (skipped when complete)"
 .venv/bin/fedaqt data speech --out data/speech
+echo "==> building the glyph few-shot set in data/glyphs (skipped when present; about 1 minute)"
+[ -f data/glyphs/glyphs.npz ] || .venv/bin/fedaqt data glyphs --out data/glyphs
 echo "==> setup complete. Main job: .venv/bin/fedaqt run   Tests: .venv/bin/pytest -q"
