@@ -39,10 +39,6 @@ _BUILTIN_WORKLOADS = {
 _BUILTIN_ALGORITHMS = {
     "fedsgd": "fedaqt.algorithms.fedsgd:FedSGD",
     "fedavg": "fedaqt.algorithms.fedavg:FedAvg",
-    "fomaml": "fedaqt.algorithms.meta:FOMAML",
-    "maml": "fedaqt.algorithms.meta:MAML",
-    "reptile": "fedaqt.algorithms.meta:Reptile",
-    "consensus_reptile": "fedaqt.algorithms.meta:ConsensusReptile",
 }
 
 

@@ -38,6 +38,4 @@ echo "==> installing fedaqt (torch 2.14.1, torchaudio 2.11.0, flwr[simulation] 1
 
 echo "==> building the default speech corpus in data/speech (skipped when complete)"
 .venv/bin/fedaqt data speech --out data/speech
-echo "==> building the glyph few-shot set in data/glyphs (skipped when present; about 1 minute)"
-[ -f data/glyphs/glyphs.npz ] || .venv/bin/fedaqt data glyphs --out data/glyphs
 echo "==> setup complete. Main job: .venv/bin/fedaqt run   Tests: .venv/bin/pytest -q"
