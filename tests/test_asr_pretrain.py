@@ -61,7 +61,7 @@ def test_checkpoint_loads_into_federated_run_and_lowers_its_loss(tmp_path, speec
             "speaker_offset": 2, "dropout": 0.0}
     # loads: the federated workload's initial model equals the checkpoint (an independent torch.load)
     cfg = RunConfig(num_clients=2, clients_per_round=2, rounds=4, batch_size=4, bits=32, eval_every=1,
-                    strategy="fedavg", algorithm="fedavg", local_steps=2, lr=0.05, server_lr=1.0, server_momentum=0.0,
+                    strategy="fedavg", algorithm="fedavg", local_steps=2, lr=0.01, server_lr=1.0, server_momentum=0.0,
                     out=str(tmp_path / "run"), options=opts)
     model = ASRWorkload(cfg).build_model()
     saved = torch.load(meta["checkpoint"], weights_only=True)
