@@ -140,7 +140,7 @@ def _with_pretrained(cfg):
     """
     if cfg.workload != "asr" or cfg.options.get("init_checkpoint"):
         return cfg
-    from fedaqt.workloads.asr_pretrain import DEFAULT_DIR, PretrainRecipe, load_metrics, recipe_key
+    from fedaqt.workloads.asr_pretrain import CHECKPOINT_NAME, DEFAULT_DIR, PretrainRecipe, load_metrics, recipe_key
 
     meta = load_metrics(DEFAULT_DIR)
     data_dir = cfg.options.get("data_dir", "data/speech")
@@ -158,6 +158,7 @@ def _with_pretrained(cfg):
     from fedaqt.workloads.asr import ASRWorkload
 
     n_spk = len(ASRWorkload(cfg).speakers) - recipe.speakers
+    meta["checkpoint"] = str(Path(DEFAULT_DIR) / CHECKPOINT_NAME)  # where it is now (the JSON says where it was written)
     values: dict = {"options": {**cfg.options, "init_checkpoint": meta["checkpoint"], "speaker_offset": recipe.speakers}}
     if cfg.num_clients > n_spk:
         values["num_clients"] = n_spk
@@ -215,6 +216,12 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
         vals = {**r.to_dict(), "MiB_down": r.get("bytes_down", float("nan")) / 2**20, "MiB_up": r.get("bytes_up", float("nan")) / 2**20}
         table.add_row(*[_cell(vals.get(c)) for c in cols])
     Console(width=max(console.width, 130)).print(table)  # wide enough not to elide numbers in pipes
+    cfg_path = Path(run_dir) / "config.json"
+    init = json.loads(cfg_path.read_text()).get("options", {}).get("init_checkpoint") if cfg_path.exists() else None
+    meta_path = Path(init).with_suffix(".json") if init else None
+    if meta_path is not None and meta_path.exists():  # before FL: the pretrained model's evaluation (fedaqt pretrain)
+        ev = json.loads(meta_path.read_text()).get("eval", {})
+        console.print(f"before FL (pretrained {init}): " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()))
     fig = plot_metrics(rounds, Path(run_dir) / "figures" / "metrics.png", title=str(run_dir))
     console.print(f"figure: {fig}")
 
