@@ -67,13 +67,14 @@ def run(
     deadline_s: Optional[float] = typer.Option(None, help="core option deadline_s: simulated round deadline in seconds (needs --device-trace)"),
     option: list[str] = typer.Option([], "--option", "-o", help="option KEY=VALUE (repeatable) of the core (round_timeout, max_nonfinite_rounds, profile_memory), the workload, strategy or algorithm: `fedaqt plugins show NAME`"),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete round (its config.json; only --num-cpus, --client-num-cpus, --ray-address may change)"),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="asr: start from random weights even when `fedaqt pretrain` wrote runs/pretrained/pretrained.pt"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Flower/Ray logs"),
 ) -> None:
     """Run a federated simulation and write the run directory."""
     from fedaqt.config import ConfigError, resolve_config, resolve_resume_config
     from fedaqt.launch.runner import run_experiment
 
-    cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "resume", "verbose", "resolve_config", "resolve_resume_config", "run_experiment", "ConfigError")}
+    cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "resume", "verbose", "resolve_config", "resolve_resume_config", "run_experiment", "ConfigError", "from_scratch")}
     # --data-dir, --model-size, ... are shortcuts for workload options (-o wins when both are given)
     shortcuts = {k: cli.pop(k) for k in OPTION_SHORTCUTS + CORE_SHORTCUTS if cli.get(k) is not None}
     for k in OPTION_SHORTCUTS + CORE_SHORTCUTS:
@@ -96,6 +97,8 @@ def run(
             cfg = resolve_config(preset, config, cli)
             if opts:
                 cfg = cfg.override({"options": {**cfg.options, **opts}}, source="--option")
+        if not resume and not from_scratch:
+            cfg = _with_pretrained(cfg)
     except ConfigError as exc:
         _fail(str(exc))
     from fedaqt.launch.runner import preflight
@@ -131,6 +134,43 @@ def run(
         console.print(f"[bold red]error:[/] no client update was accepted in any round ({counts}); the global model "
                       f"is the initial one. See the error column of {cfg.out}/clients.csv")
         raise typer.Exit(code=1)
+
+
+def _with_pretrained(cfg):
+    """asr without options.init_checkpoint: start from the `fedaqt pretrain` checkpoint when one matches the corpus.
+
+    Its clients then use the training speakers the pretraining did not see (speaker_offset = its speakers);
+    num_clients / clients_per_round shrink to the speakers left, with a message. Otherwise cfg is unchanged.
+    """
+    if cfg.workload != "asr" or cfg.options.get("init_checkpoint"):
+        return cfg
+    from fedaqt.workloads.asr_pretrain import CHECKPOINT_NAME, DEFAULT_DIR, PretrainRecipe, load_metrics, recipe_key
+
+    meta = load_metrics(DEFAULT_DIR)
+    data_dir = cfg.options.get("data_dir", "data/speech")
+    if meta is None:
+        console.print(f"[yellow]no pretrained checkpoint in {DEFAULT_DIR}: training from random weights "
+                      "(build one with `fedaqt pretrain`; --from-scratch silences this)[/]")
+        return cfg
+    recipe = PretrainRecipe(**meta["recipe"])
+    if Path(recipe.data_dir).resolve() != Path(data_dir).resolve():
+        return cfg  # pretrained on another corpus (e.g. --data-dir LibriSpeech): keep the run as asked
+    if recipe_key(recipe) != meta.get("key"):
+        console.print(f"[yellow]{DEFAULT_DIR}/pretrained.pt does not match the corpus in {data_dir} any more: training "
+                      "from random weights (rerun `fedaqt pretrain`)[/]")
+        return cfg
+    from fedaqt.workloads.asr import ASRWorkload
+
+    n_spk = len(ASRWorkload(cfg).speakers) - recipe.speakers
+    meta["checkpoint"] = str(Path(DEFAULT_DIR) / CHECKPOINT_NAME)  # where it is now (the JSON says where it was written)
+    values: dict = {"options": {**cfg.options, "init_checkpoint": meta["checkpoint"], "speaker_offset": recipe.speakers}}
+    if cfg.num_clients > n_spk:
+        values["num_clients"] = n_spk
+        values["clients_per_round"] = min(cfg.clients_per_round, n_spk)
+    ev = meta.get("eval", {})
+    console.print(f"starting from the pretrained checkpoint {meta['checkpoint']} (held-out WER {ev.get('eval_wer', float('nan')):.3f}); "
+                  f"clients: training speakers {recipe.speakers}.. ({min(cfg.num_clients, n_spk)} clients); --from-scratch for random weights")
+    return cfg.override(values, source="pretrained checkpoint")
 
 
 def _cell(v) -> str:
@@ -180,6 +220,12 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
         vals = {**r.to_dict(), "MiB_down": r.get("bytes_down", float("nan")) / 2**20, "MiB_up": r.get("bytes_up", float("nan")) / 2**20}
         table.add_row(*[_cell(vals.get(c)) for c in cols])
     Console(width=max(console.width, 130)).print(table)  # wide enough not to elide numbers in pipes
+    cfg_path = Path(run_dir) / "config.json"
+    init = json.loads(cfg_path.read_text()).get("options", {}).get("init_checkpoint") if cfg_path.exists() else None
+    meta_path = Path(init).with_suffix(".json") if init else None
+    if meta_path is not None and meta_path.exists():  # before FL: the pretrained model's evaluation (fedaqt pretrain)
+        ev = json.loads(meta_path.read_text()).get("eval", {})
+        console.print(f"before FL (pretrained {init}): " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()))
     fig = plot_metrics(rounds, Path(run_dir) / "figures" / "metrics.png", title=str(run_dir))
     console.print(f"figure: {fig}")
     if "sim_time" in rounds and (Path(run_dir) / "clients.csv").exists():
@@ -190,6 +236,39 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
         clock = plot_clock(rounds, pd.read_csv(Path(run_dir) / "clients.csv"), Path(run_dir) / "figures" / "clock.png",
                            title=str(run_dir))
         console.print(f"figure: {clock}")
+
+
+@app.command()
+def pretrain(
+    data_dir: str = typer.Option("data/speech", help="speech corpus (LibriSpeech layout)"),
+    speakers: int = typer.Option(16, help="pretrain on the first N sorted training speakers; clients get the rest"),
+    steps: int = typer.Option(600, help="Adam steps"),
+    batch_size: int = typer.Option(16, help="utterances per step"),
+    lr: float = typer.Option(1e-3, help="Adam learning rate"),
+    seed: int = typer.Option(0, help="seed of the initial weights and the batches"),
+    model_size: str = typer.Option("tiny", help="Conformer size preset"),
+    out: str = typer.Option("runs/pretrained", help="checkpoint directory (`fedaqt run` loads runs/pretrained)"),
+    force: bool = typer.Option(False, "--force", help="retrain even when a matching checkpoint exists"),
+) -> None:
+    """Central pretraining of the float Conformer (asr); cached: skipped when the checkpoint matches recipe + corpus."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from fedaqt.workloads.asr_pretrain import PretrainRecipe
+    from fedaqt.workloads.asr_pretrain import pretrain as do_pretrain
+
+    recipe = PretrainRecipe(data_dir=data_dir, speakers=speakers, steps=steps, batch_size=batch_size, lr=lr,
+                            seed=seed, model_size=model_size)
+    with Progress(TextColumn("[bold blue]pretrain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console) as bar:
+        task = bar.add_task("steps", total=steps, info="")
+        try:
+            meta = do_pretrain(recipe, out, force=force,
+                               progress=lambda s, loss: bar.update(task, completed=s, info=f"loss={loss:.3f}"))
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+    ev = meta.get("eval", {})
+    console.print(f"{'reused' if meta['reused'] else 'wrote'} {meta['checkpoint']}: "
+                  + " ".join(f"{k}={v:.3f}" for k, v in ev.items()) + f" (training {meta['seconds']:.0f} s)")
 
 
 @data_app.command("speech")

@@ -151,7 +151,7 @@ def test_every_config_key_is_a_cli_option_and_vice_versa():
     from fedaqt.cli import CORE_SHORTCUTS, OPTION_SHORTCUTS
     from fedaqt.config import LEGACY_OPTION_KEYS
 
-    params = _run_params() - {"preset", "config", "option", "resume", "verbose"}
+    params = _run_params() - {"preset", "config", "option", "resume", "verbose", "from_scratch"}
     fields = set(RunConfig.field_names()) - {"options"}
     # the former ASR/partition fields stay as flags that set the workload option of the same name
     assert set(OPTION_SHORTCUTS) == set(LEGACY_OPTION_KEYS) and not set(OPTION_SHORTCUTS) & fields
