@@ -225,7 +225,10 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
     meta_path = Path(init).with_suffix(".json") if init else None
     if meta_path is not None and meta_path.exists():  # before FL: the pretrained model's evaluation (fedaqt pretrain)
         ev = json.loads(meta_path.read_text()).get("eval", {})
-        console.print(f"before FL (pretrained {init}): " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()))
+        # pretrained.json is a file on disk: a non-numeric or missing value is shown as such, never crashes the report
+        shown = ev.items() if isinstance(ev, dict) else ()
+        console.print(f"before FL (pretrained {init}): " + " ".join(
+            f"{k}={v:.3f}" if isinstance(v, (int, float)) else f"{k}={v!r}" for k, v in shown))
     fig = plot_metrics(rounds, Path(run_dir) / "figures" / "metrics.png", title=str(run_dir))
     console.print(f"figure: {fig}")
     if "sim_time" in rounds and (Path(run_dir) / "clients.csv").exists():
