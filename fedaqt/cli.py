@@ -247,7 +247,7 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
 
 
 class _PretrainDefaults:  # the recipe's defaults without importing torch at CLI start-up
-    speakers, steps, batch_size, lr = 48, 600, 16, 2e-3
+    speakers, steps, batch_size, lr = 48, 500, 16, 3e-3
 
 
 _PRETRAIN = _PretrainDefaults

@@ -38,12 +38,12 @@ class PretrainRecipe:
 
     data_dir: str = "data/speech"
     speakers: int = 48
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     seed: int = 0
     model_size: str = "tiny"
-    dropout: float = 0.1
+    dropout: float = 0.0
     clip: float = 5.0
     warmup: int = 100
     weight_decay: float = 1e-2
