@@ -8,8 +8,9 @@ column (not the timings, pids, node ids). Every process it started is stopped by
 started; the SuperLink's ``flower-superexec`` children are in that group) in a ``finally`` block.
 
 Cost: each ClientApp message runs in a fresh ``flwr-clientapp`` process (imports torch, builds the model), so a
-round costs seconds of process start-up per client on top of training; measured 4 min for 2 rounds on this
-shared 2-core machine at load 7, ~1 min when idle. Marked ``slow``.
+round costs seconds of process start-up per client on top of training: the whole test took 348 s on this shared
+2-core machine at load 7-9 (the SuperLink run about 4 min of it). Marked ``slow``; the ~90 s target is not reachable
+here. It passed the time it ran as a test (and the same flow by hand before).
 """
 
 from __future__ import annotations
@@ -117,6 +118,22 @@ def test_fab_holds_the_package_only():
     assert "fedaqt/app.py" in names and "fedaqt/presets/default.toml" in names and "pyproject.toml" in names
     assert not [n for n in names if n.startswith(("tests/", "data/", "runs/", "bench/", ".venv"))]
     assert len(fab) < 1_000_000
+
+
+def test_example_connections_parse_with_flowers_reader():
+    """examples/flwr/config.toml: the two SuperLink connections, as Flower 1.42's own parser reads them."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover
+        import tomli as tomllib
+    from flwr.cli.flower_config import parse_superlink_connection
+
+    table = tomllib.loads((ROOT / "examples" / "flwr" / "config.toml").read_text())["superlink"]
+    assert table["default"] == "local-simulation"
+    sim = parse_superlink_connection(table["local-simulation"], "local-simulation")
+    dep = parse_superlink_connection(table["local-deployment"], "local-deployment")
+    assert sim.options is not None and sim.options.num_supernodes >= RunConfig().num_clients
+    assert dep.address == "127.0.0.1:9093" and dep.insecure
 
 
 # ---------------------------------------------------------------------------------------------- end to end
