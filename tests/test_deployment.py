@@ -106,6 +106,46 @@ def test_app_components_are_the_simulation_objects():
     assert isinstance(objs["serverapp"], ServerApp)
 
 
+@pytest.mark.usefixtures("toy_registered")
+def test_server_app_main_runs_the_round_loop_of_fedaqt_run(tmp_path):
+    """The Flower app's ServerApp body on an in-process grid (toy workload): the same rounds.csv and model as
+    fedaqt run's Server; an earlier run in `out` is set aside and put back when the new one fails before round 1;
+    a bad run config fails before anything is written."""
+    from flwr.app import Context, RecordDict
+
+    from fakegrid import FakeGrid
+    from fedaqt import app as flower_app
+    from fedaqt.server.app import Server
+
+    table = _pyproject_run_config()
+    kw = dict(workload="toy", strategy="fedavgm", algorithm="fedavg", bits=8, local_steps=2, lr=0.1, server_lr=0.3,
+              server_momentum=0.9, num_clients=6, clients_per_round=3, rounds=2, eval_every=1, seed=2)
+
+    def ctx(**over):
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={**table, **kw, **over})
+
+    out = tmp_path / "app"
+    flower_app.main(FakeGrid(6), ctx(out=str(out)))
+    ref = Server(RunConfig(**kw, out=str(tmp_path / "ref")), tmp_path / "ref")
+    ref.run_rounds(FakeGrid(6))
+    a, b = pd.read_csv(out / "rounds.csv"), pd.read_csv(tmp_path / "ref" / "rounds.csv")
+    cols = [c for c in a.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert RunConfig.from_mapping(__import__("json").loads((out / "config.json").read_text())).rounds == 2
+    before = (out / "rounds.csv").read_bytes()
+
+    class Broken(FakeGrid):
+        def send_and_receive(self, messages, timeout=None):
+            raise RuntimeError("link down")
+
+    with pytest.raises(RuntimeError, match="link down"):
+        flower_app.main(Broken(6), ctx(out=str(out)))
+    assert (out / "rounds.csv").read_bytes() == before  # the earlier run is back
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        flower_app.main(FakeGrid(6), ctx(out=str(tmp_path / "bad"), clients_per_round=9))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_fab_holds_the_package_only():
     """The FAB Flower builds from this directory: fedaqt's sources and presets, no tests/data/runs, < 1 MB."""
     import io
