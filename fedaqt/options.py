@@ -70,6 +70,12 @@ class CoreOptions(BaseOptions):
                                               "simulated clock and availability, fedaqt.server.clock")
     deadline_s: float = Field(0.0, ge=0, description="simulated round deadline in seconds (0 = none): slower "
                                                      "clients are stragglers, not aggregated; needs device_trace")
+    dp_clip: float = Field(0.0, ge=0, description="central DP (fedaqt.strategies.dp): L2 clipping norm C of each "
+                                                  "client's parameter update (0 = DP off)")
+    dp_noise: float = Field(0.0, ge=0, description="central DP: noise multiplier sigma; the mean update gets "
+                                                   "N(0, (sigma C max_k w_k)^2) noise (needs dp_clip > 0)")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="central DP: delta of the (epsilon, delta) reported per "
+                                                          "round in rounds.csv dp_epsilon (opacus RDP accountant)")
 
 
 # ---------------------------------------------------------------------------------------------- describing fields

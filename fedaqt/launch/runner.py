@@ -66,10 +66,10 @@ def preflight(config: RunConfig) -> RunConfig:
         workload = get_workload_class(config.workload)(config)
         workload.prepare()
         # build what the server builds, so bad model sizes / option values fail before any file is touched
-        from fedaqt.server.app import make_spec
+        from fedaqt.server.app import build_strategy, make_spec
 
         model = workload.build_model()
-        plugin.factory(config, make_spec(config, workload, model))
+        build_strategy(config, make_spec(config, workload, model))  # the plugin's factory (+ the DP wrapper)
         algorithm.max_examples(config, workload, 0)  # e.g. local_epochs on a workload without partition_size
     except NotImplementedError as exc:
         raise ConfigError(f"algorithm {config.algorithm!r} with workload {config.workload!r}: {exc}") from exc
@@ -310,6 +310,31 @@ def run_experiment(config: RunConfig, progress: Any = None, resume: bool = False
                         run.root, ", ".join(moved), run.previous)
     try:
         return _run(config, run, progress, resume, done)
+    except BaseException:
+        restored = run.restore_previous()
+        if restored:
+            log.warning("the run failed before its first checkpoint; restored the earlier run's %s in %s",
+                        ", ".join(restored), run.root)
+        raise
+
+
+def serve(config: RunConfig, grid: Any) -> dict[str, Any]:
+    """The Flower app's ServerApp body (:mod:`fedaqt.app`, ``flwr run``): run ``config`` (already through
+    :func:`preflight`) on ``grid``, a SuperLink's nodes, into ``config.out``; returns the summary.
+
+    Like a new :func:`run_experiment`: an earlier run in ``config.out`` is set aside and put back when this one fails
+    before its first checkpoint; ``config.json`` is written first. The round loop is the one ``fedaqt run`` runs
+    (:func:`fedaqt.server.app.run_server`); there is no Ray backend to hook (the SuperNodes run the clients)."""
+    from fedaqt.server.app import run_server
+
+    run = RunDir(config.out)
+    moved = run.set_aside()
+    if moved:
+        log.warning("%s held an earlier run; its %s are kept in %s until this run checkpoints round 1",
+                    run.root, ", ".join(moved), run.previous)
+    try:
+        config.save(run.config_path)
+        return run_server(config, run.root, grid)
     except BaseException:
         restored = run.restore_previous()
         if restored:

@@ -114,6 +114,18 @@ def make_spec(config: RunConfig, workload: Workload, model: nn.Module) -> Broadc
     )
 
 
+def build_strategy(config: RunConfig, spec: BroadcastSpec) -> Any:
+    """The run's strategy: the plugin's ``factory(config, spec)``, wrapped in central DP with fixed clipping when
+    ``options.dp_clip > 0`` (:func:`fedaqt.strategies.dp.wrap_with_dp`).
+
+    Raises:
+        ValueError: from the factory, or ``dp_noise > 0`` without ``dp_clip``.
+    """
+    from fedaqt.strategies.dp import wrap_with_dp
+
+    return wrap_with_dp(get_strategy_plugin(config.strategy).factory(config, spec), config)
+
+
 def load_into(model: nn.Module, params: dict[str, np.ndarray], buffers: dict[str, np.ndarray]) -> None:
     state = {k: torch.from_numpy(np.asarray(v)) for k, v in {**params, **buffers}.items()}
     model.load_state_dict(state, strict=False)
@@ -294,8 +306,7 @@ class Server:
         self.run = RunDir(run_dir, eval_columns=self.workload.eval_columns)  # rounds.csv: this workload's columns
         self.model = self.workload.build_model()
         self.spec = make_spec(config, self.workload, self.model)
-        plugin = get_strategy_plugin(config.strategy)
-        self.strategy = plugin.factory(config, self.spec)
+        self.strategy = build_strategy(config, self.spec)
         params, buffers = float_state_split(self.model)
         self.arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
         #: the float buffers (BatchNorm statistics): broadcast with the parameters, moved by the mean client delta
@@ -771,9 +782,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            server = Server(config, run_dir, progress, resume=resume)
-            server.on_round_end = on_round_end
-            summary = server.run_rounds(grid)
+            summary = run_server(config, run_dir, grid, progress, resume=resume, on_round_end=on_round_end)
             if result is not None:
                 result["summary"] = summary
         finally:
@@ -781,3 +790,14 @@ def make_server_app(
                 on_finish()
 
     return app
+
+
+def run_server(config: RunConfig, run_dir: str | Path, grid: Grid, progress: ProgressFn | None = None,
+               resume: bool = False, on_round_end: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run the rounds of ``config`` on ``grid`` into ``run_dir``; returns the summary (``summary.json``).
+
+    The ServerApp body of both front ends: ``fedaqt run`` (:func:`make_server_app`, Simulation Engine) and the
+    Flower app's ``server_app`` (:mod:`fedaqt.app`, ``flwr run`` on a SuperLink)."""
+    server = Server(config, run_dir, progress, resume=resume)
+    server.on_round_end = on_round_end
+    return server.run_rounds(grid)

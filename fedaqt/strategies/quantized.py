@@ -73,6 +73,9 @@ class QuantizedMixin:
         # this round's broadcast QTensors (codes + float32 scales exactly as sent), for the relay
         self.sent_quantized: dict[str, QTensor] = {}
         self._round_metrics: dict[str, float] = {}
+        #: (std, numpy Generator) set by the DP wrapper (:mod:`fedaqt.strategies.dp`) for one aggregate_train:
+        #: Gaussian noise of that std is added to the weighted mean update; None = no noise
+        self.mean_noise: tuple[float, Any] | None = None
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ state
@@ -151,6 +154,10 @@ class QuantizedMixin:
                     raise ValueError(f"aggregate_train: a reply has no update for {key!r}")
                 acc += update[key].to(torch.float64) * (n / total)
             mean[key] = acc
+        if self.mean_noise is not None and self.mean_noise[0] > 0:  # central DP: noise on the mean, before the step
+            std, rng = self.mean_noise
+            for key, shape in self.spec.param_shapes.items():
+                mean[key] = mean[key] + torch.from_numpy(rng.normal(0.0, std, size=shape))
         mean = self.correct_mean_update(server_round, mean)
         sign = -1.0 if self.spec.update_kind == "gradient" else 1.0
         pseudo = {}
