@@ -33,7 +33,7 @@ of the backbone features of ``metric_classes`` evaluation classes x ``metric_per
 evaluation pool are computed once per evaluation (BatchNorm in eval mode, running statistics) and the episodes
 are drawn over them, so ProtoNet / R2-D2 / classical evaluations cost one pass over the pool. SVM episodes each
 solve a qpth QP. ``maml`` evaluates by ``-o eval_adapt=head`` (default: the classifier, from its meta-learned
-initialization, takes ``adapt_steps`` SGD steps of lr ``--lr`` on the support features, all episodes batched) or
+initialization, takes ``adapt_steps`` (50) SGD steps of lr ``adapt_lr`` (0.5) on the support features, all episodes batched) or
 ``eval_adapt=full`` (the whole network adapts per episode, BatchNorm on batch statistics: MAML's protocol,
 much slower).
 """
@@ -89,7 +89,9 @@ class FewShotOptions(BaseOptions):
     svm_iters: int = Field(15, ge=1, le=100, description="qpth interior-point iterations")
     eval_adapt: Literal["head", "full"] = Field("head", description="maml evaluation: adapt the classifier on "
                                                                    "frozen features (head) or the whole network")
-    adapt_steps: int = Field(10, ge=0, le=200, description="maml evaluation: SGD steps on the support set (lr --lr)")
+    adapt_steps: int = Field(50, ge=0, le=500, description="maml evaluation: SGD steps on the support set")
+    adapt_lr: float = Field(0.5, gt=0, allow_inf_nan=False, description="maml evaluation: SGD learning rate of "
+                                                                         "the adaptation")
     metric_classes: int = Field(50, ge=2, description="r_fc/r_hv: evaluation classes used")
     metric_per_class: int = Field(5, ge=2, description="r_fc/r_hv: images per class")
     eval_max_per_class: int = Field(200, ge=1, description="images per evaluation class kept (fmnist has 7000)")
@@ -374,7 +376,7 @@ class FewShotWorkload(Workload):
         e = fs.shape[0]
         w = model.classifier.weight.detach().unsqueeze(0).repeat(e, 1, 1).requires_grad_(True)
         b = model.classifier.bias.detach().unsqueeze(0).repeat(e, 1).requires_grad_(True)
-        lr = float(self.config.lr)
+        lr = float(self.options.adapt_lr)
         ys_e = ys.unsqueeze(0).expand(e, -1).reshape(-1)
         with torch.enable_grad():
             for _ in range(self.options.adapt_steps):
@@ -389,7 +391,7 @@ class FewShotWorkload(Workload):
 
     def _full_adapt_accuracies(self, model: nn.Module, eps: list, ys: torch.Tensor, yq: torch.Tensor) -> np.ndarray:
         pool = self.pool("evaluation")
-        lr = float(self.config.lr)
+        lr = float(self.options.adapt_lr)
         accs = []
         for s, q in eps:
             m = copy.deepcopy(model)
