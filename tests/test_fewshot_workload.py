@@ -238,3 +238,20 @@ def test_fewshot_ray_run_reports_fewshot_accuracy(tmp_path, glyph_dir):
     assert proc.returncode == 0, log[-4000:]
     rounds = pd.read_csv(out / "rounds.csv")
     assert len(rounds) == 2 and rounds[list(EVAL_COLUMNS)].notna().all().all()
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "consensus_reptile"])
+def test_torch_func_algorithms_run_on_batchnorm_backbones(glyph_dir, algorithm):
+    """Second-order MAML and consensus Reptile (torch.func) on the Conv-4 with BatchNorm at --bits 32: the round
+    finishes, uploads finite non-zero values and leaves the BatchNorm running statistics as received."""
+    from fedaqt.client.trainer import client_round
+
+    opts = {"inner_steps": 2} if algorithm == "maml" else {"inner_steps": 2, "tasks_per_client": 2}
+    cfg = _cfg(glyph_dir, bits=32, algorithm=algorithm, options=opts)
+    wl = FewShotWorkload(cfg)
+    _, _, client = _client(wl, cfg)
+    stats0 = client.backbone.features[1].running_mean.clone()
+    res = client_round(wl, client, cfg, client_id=0, round_num=1)
+    up = res.upload.decode("backbone.features.0.weight")
+    assert torch.isfinite(up).all() and up.abs().sum() > 0
+    assert torch.equal(client.backbone.features[1].running_mean, stats0)
