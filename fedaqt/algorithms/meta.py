@@ -212,6 +212,7 @@ class FOMAML(_TaskMixin, FedAvg):
         for h in inner.handles:
             h.remove()
         del inner
+        ctx.probe.next_step()  # a further forward of the model: the memory profiler needs the step boundary
         out = FedSGD.local_round(self, ctx, batches[-1:])  # the query gradient at theta'
         # weight: the task's images (support once + query)
         return LocalResult(num_examples=len(batches[0][1]) + out.num_examples, changed_fraction=res.changed_fraction)
