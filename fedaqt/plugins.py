@@ -35,10 +35,15 @@ _BUILTIN_WORKLOADS = {
     "asr": "fedaqt.workloads.asr:ASRWorkload",
     "wrapnet": "fedaqt.workloads.wrapnet:WrapNetWorkload",
     "metaformer": "fedaqt.workloads.metaformer:MetaFormerWorkload",
+    "fewshot": "fedaqt.workloads.fewshot:FewShotWorkload",
 }
 _BUILTIN_ALGORITHMS = {
     "fedsgd": "fedaqt.algorithms.fedsgd:FedSGD",
     "fedavg": "fedaqt.algorithms.fedavg:FedAvg",
+    "fomaml": "fedaqt.algorithms.meta:FOMAML",
+    "maml": "fedaqt.algorithms.meta:MAML",
+    "reptile": "fedaqt.algorithms.meta:Reptile",
+    "consensus_reptile": "fedaqt.algorithms.meta:ConsensusReptile",
 }
 
 

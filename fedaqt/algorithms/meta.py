@@ -135,13 +135,28 @@ def consensus_reptile_update(params: Params, task_losses: list[Callable[[Params,
 
 
 def model_losses(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor]):
-    """``make(x, y) -> (params -> loss)`` for ``torch.func.functional_call(model, (params, buffers), x)``."""
+    """``make(x, y) -> (params -> loss)`` for ``torch.func.functional_call(model, (params, buffers), x)``.
+
+    BatchNorm layers run on batch statistics without updating their running statistics inside the call
+    (``track_running_stats`` is off for its duration): a ``torch.func`` transform may not mutate captured buffers.
+    So the second-order / consensus paths leave BatchNorm's running statistics as received."""
     from torch.func import functional_call
 
     buffers = dict(model.named_buffers())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def call(p: Params, x: torch.Tensor) -> torch.Tensor:
+        saved = [m.track_running_stats for m in norms]
+        for m in norms:
+            m.track_running_stats = False
+        try:
+            return functional_call(model, (dict(p), buffers), (x,))
+        finally:
+            for m, t in zip(norms, saved):
+                m.track_running_stats = t
 
     def make(x: torch.Tensor, y: torch.Tensor) -> Callable[[Params], torch.Tensor]:
-        return lambda p: loss_fn(functional_call(model, (dict(p), buffers), (x,)), y)
+        return lambda p: loss_fn(call(p, x), y)
 
     return make
 
@@ -197,6 +212,7 @@ class FOMAML(_TaskMixin, FedAvg):
         for h in inner.handles:
             h.remove()
         del inner
+        ctx.probe.next_step()  # a further forward of the model: the memory profiler needs the step boundary
         out = FedSGD.local_round(self, ctx, batches[-1:])  # the query gradient at theta'
         # weight: the task's images (support once + query)
         return LocalResult(num_examples=len(batches[0][1]) + out.num_examples, changed_fraction=res.changed_fraction)

@@ -163,7 +163,8 @@ def svm_logits(phi_s: torch.Tensor, y_s: torch.Tensor, phi_q: torch.Tensor, n_wa
 
 class EpisodeHead(nn.Module):
     """The learnable scalars of a head: ProtoNet ``scale`` (init 1), R2-D2 ``alpha`` (1) / ``beta`` (0) /
-    ``log_lambda`` (log 50, learnable with ``learn_lambda``), SVM ``scale`` (1). All float, never quantized."""
+    ``log_lambda`` (log 50, learnable with ``learn_lambda``), SVM ``scale`` (1). All float ``[1]`` tensors (not
+    0-d: fedaqt's broadcast/update path handles >= 1-d tensors), never quantized."""
 
     def __init__(self, method: str, lam: float = 50.0, learn_lambda: bool = False, c_reg: float = 0.1,
                  svm_ridge: float = 1.0, svm_iters: int = 15, normalize_by_dim: bool = True) -> None:
@@ -171,9 +172,9 @@ class EpisodeHead(nn.Module):
         if method not in ("protonet", "r2d2", "svm"):
             raise ValueError(f"head method={method!r} is not one of protonet, r2d2, svm")
         self.method = method
-        self.scale = nn.Parameter(torch.ones(()))
-        self.beta = nn.Parameter(torch.zeros(())) if method == "r2d2" else None
-        lg = torch.log(torch.tensor(float(lam)))
+        self.scale = nn.Parameter(torch.ones(1))
+        self.beta = nn.Parameter(torch.zeros(1)) if method == "r2d2" else None
+        lg = torch.log(torch.tensor([float(lam)]))
         self.log_lambda = nn.Parameter(lg) if learn_lambda else None
         self.register_buffer("_log_lambda_fixed", lg, persistent=False)
         self.c_reg, self.svm_ridge, self.svm_iters, self.normalize_by_dim = c_reg, svm_ridge, svm_iters, normalize_by_dim
