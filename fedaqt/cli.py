@@ -152,7 +152,12 @@ def _with_pretrained(cfg):
         console.print(f"[yellow]no pretrained checkpoint in {DEFAULT_DIR}: training from random weights "
                       "(build one with `fedaqt pretrain`; --from-scratch silences this)[/]")
         return cfg
-    recipe = PretrainRecipe(**meta["recipe"])
+    try:  # pretrained.json is a file on disk: a foreign or damaged recipe means "no usable checkpoint", never a crash
+        recipe = PretrainRecipe(**meta["recipe"])
+    except (KeyError, TypeError) as exc:
+        console.print(f"[yellow]{DEFAULT_DIR}/pretrained.json has no usable recipe ({exc}): training from random "
+                      "weights (rerun `fedaqt pretrain --force`)[/]")
+        return cfg
     if Path(recipe.data_dir).resolve() != Path(data_dir).resolve():
         return cfg  # pretrained on another corpus (e.g. --data-dir LibriSpeech): keep the run as asked
     model_size = cfg.options.get("model_size", "tiny")

@@ -80,3 +80,18 @@ def test_cli_pretrain_defaults_are_the_recipe_defaults():
 
     r = PretrainRecipe()
     assert (_PRETRAIN.speakers, _PRETRAIN.steps, _PRETRAIN.batch_size, _PRETRAIN.lr) == (r.speakers, r.steps, r.batch_size, r.lr)
+
+
+def test_run_ignores_a_damaged_pretrained_recipe(tmp_path, monkeypatch):
+    import json
+
+    from fedaqt import cli
+    from fedaqt.config import RunConfig
+
+    d = tmp_path / "runs" / "pretrained"
+    d.mkdir(parents=True)
+    (d / "pretrained.pt").write_bytes(b"x")
+    (d / "pretrained.json").write_text(json.dumps({"recipe": {"speakers": 4, "not_a_field": 1}, "key": "k"}))
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig()
+    assert cli._with_pretrained(cfg) is cfg  # unchanged: random init, with a message
