@@ -4,7 +4,7 @@ The user's flat ``RunConfig.options`` table (``-o KEY=VALUE`` on the command lin
 split by key among the models that declare the keys:
 
 * ``core`` -- :class:`CoreOptions` (``round_timeout``, ``max_nonfinite_rounds``, ``profile_memory``,
-  ``device_trace``, ``deadline_s``), read by the
+  ``device_trace``, ``deadline_s``, ``dp_*``, ``secagg*``), read by the
   server and the clients whatever the plugins;
 * ``workload NAME`` -- ``Workload.Options`` of the selected workload;
 * ``strategy NAME`` -- ``StrategyPlugin.Options`` of the selected strategy;
@@ -34,7 +34,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedaqt.config import ConfigError
 
@@ -76,6 +76,34 @@ class CoreOptions(BaseOptions):
                                                    "N(0, (sigma C max_k w_k)^2) noise (needs dp_clip > 0)")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="central DP: delta of the (epsilon, delta) reported per "
                                                           "round in rounds.csv dp_epsilon (opacus RDP accountant)")
+    secagg: bool = Field(False, description="secure aggregation with Flower's SecAgg+ (fedaqt.server.secagg): the "
+                                            "server sees only the masked sum; --uplink-bits 32 or 8 (shared scale)")
+    secagg_num_shares: float = Field(1.0, gt=0, description="SecAgg+: shares of each client's keys; <= 1 a fraction of "
+                                                            "the sampled clients, else an integer count >= 3")
+    secagg_threshold: float = Field(1.0, gt=0, description="SecAgg+: shares needed to reconstruct a key; <= 1 a "
+                                                           "fraction of num_shares, else an integer count >= 2")
+    secagg_clipping_range: float = Field(8.0, gt=0, description="SecAgg+ at --uplink-bits 32: every update element "
+                                                                "is clipped to [-R, R] before Flower's quantizer")
+    secagg_quantization_range: int = Field(2**22, ge=2, description="SecAgg+ at --uplink-bits 32: integer levels "
+                                                                     "of Flower's quantizer over [-R, R]")
+    secagg_headroom: float = Field(4.0, gt=0, description="SecAgg+ at --uplink-bits 8: shared scale of a tensor = "
+                                                          "headroom x max|previous round's mean| / 127")
+    secagg_scale_init: float = Field(0.05, gt=0, description="SecAgg+ at --uplink-bits 8: element range of every "
+                                                             "tensor in round 1 (shared scale = value / 127)")
+
+    @field_validator("secagg_num_shares")
+    @classmethod
+    def _count_or_fraction_3(cls, v: float) -> float:
+        if v > 1 and (v != int(v) or v < 3):
+            raise ValueError(f"must be a fraction in (0, 1] or an integer >= 3 (Flower's SecAgg+), got {v!r}")
+        return v
+
+    @field_validator("secagg_threshold")
+    @classmethod
+    def _count_or_fraction_2(cls, v: float) -> float:
+        if v > 1 and (v != int(v) or v < 2):
+            raise ValueError(f"must be a fraction in (0, 1] or an integer >= 2 (Flower's SecAgg+), got {v!r}")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------- describing fields

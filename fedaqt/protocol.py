@@ -56,6 +56,9 @@ NUM_EXAMPLES = "num-examples"
 NODEINFO_KEY = "nodeinfo"
 #: marker in the Flower error reason of a client whose Ray actor died (see :mod:`fedaqt.launch.backend`)
 CLIENT_DIED_MARK = "ClientActorDied"
+#: SecAgg+ (:mod:`fedaqt.server.secagg`): train-config keys naming the update keys in the order of the securely
+#: summed vector and, at ``--uplink-bits 8``, the shared per-tensor scales of this round (same order)
+SECAGG_KEYS, SECAGG_SCALES = "secagg-keys", "secagg-scales"
 
 
 # ---------------------------------------------------------------------------------------------- what is expected
@@ -303,34 +306,9 @@ def _validate_content(content: RecordDict, row: ClientRow,
     metrics = content.metric_records.get(METRICS_KEY)
     if metrics is None:
         return reject(f"reply has no MetricRecord {METRICS_KEY!r}")
-    try:
-        pid = _int_metric(metrics, PARTITION_ID)
-        if expect.partition >= 0 and pid != expect.partition:
-            raise ValueError(f"{PARTITION_ID}={pid} but the server assigned partition {expect.partition} to this node")
-        row.client_id = pid
-        row.num_examples = _int_metric(metrics, NUM_EXAMPLES)
-        row.train_loss = _real_metric(metrics, "train_loss")
-        if "seconds" in metrics:  # optional (wall time, informative); when present a finite number >= 0
-            row.seconds = _real_metric(metrics, "seconds")
-    except ValueError as exc:
-        return reject(str(exc))
-    if row.num_examples <= 0:
-        return reject(f"{NUM_EXAMPLES}={row.num_examples} must be positive")
-    limit = expect.max_examples
-    if limit is not None and row.num_examples > limit:
-        return reject(f"{NUM_EXAMPLES}={row.num_examples} exceeds the {limit} examples the client was asked to process")
-    if row.seconds < 0:
-        return reject(f"seconds={row.seconds} must be >= 0")
-    extra = {}
-    for k, v in metrics.items():
-        if k in METRIC_FIELDS:
-            continue
-        if k in RESERVED_CLIENT_COLUMNS:
-            return reject(f"metric key {k!r} collides with the clients.csv column of that name")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return reject(f"metric {k!r}={v!r} must be a scalar int or float")
-        extra[k] = v
-    row.extra = extra
+    reason = check_reply_metrics(metrics, row, expect)
+    if reason:
+        return reject(reason)
     update_rec = content.array_records.get(UPDATE_KEY)
     if update_rec is None:
         return reject(f"reply has no ArrayRecord {UPDATE_KEY!r}")
@@ -347,6 +325,46 @@ def _validate_content(content: RecordDict, row: ClientRow,
             row.status, row.error = "over_budget", reason
             return row, None, 0
     return row, update, row.num_examples
+
+
+def check_reply_metrics(metrics: Mapping[str, Any], row: ClientRow, expect: ReplyExpectation) -> str:
+    """The metric checks of :func:`validate_reply` (also what a SecAgg+ server can check of a masked reply, whose
+    metrics travel in plaintext): '' when they pass, else the reason. Fills ``row`` (``client_id``,
+    ``num_examples``, ``train_loss``, ``seconds``, ``extra``).
+
+    Checked: ``partition-id`` the partition the server assigned to that node, ``num-examples`` an integer in
+    ``[1, max_examples]``, ``train_loss`` and (optional) ``seconds`` finite reals, ``seconds >= 0``; other metric
+    keys scalar and not named like a clients.csv column.
+    """
+    try:
+        pid = _int_metric(metrics, PARTITION_ID)
+        if expect.partition >= 0 and pid != expect.partition:
+            raise ValueError(f"{PARTITION_ID}={pid} but the server assigned partition {expect.partition} to this node")
+        row.client_id = pid
+        row.num_examples = _int_metric(metrics, NUM_EXAMPLES)
+        row.train_loss = _real_metric(metrics, "train_loss")
+        if "seconds" in metrics:  # optional (wall time, informative); when present a finite number >= 0
+            row.seconds = _real_metric(metrics, "seconds")
+    except ValueError as exc:
+        return str(exc)
+    if row.num_examples <= 0:
+        return f"{NUM_EXAMPLES}={row.num_examples} must be positive"
+    limit = expect.max_examples
+    if limit is not None and row.num_examples > limit:
+        return f"{NUM_EXAMPLES}={row.num_examples} exceeds the {limit} examples the client was asked to process"
+    if row.seconds < 0:
+        return f"seconds={row.seconds} must be >= 0"
+    extra = {}
+    for k, v in metrics.items():
+        if k in METRIC_FIELDS:
+            continue
+        if k in RESERVED_CLIENT_COLUMNS:
+            return f"metric key {k!r} collides with the clients.csv column of that name"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"metric {k!r}={v!r} must be a scalar int or float"
+        extra[k] = v
+    row.extra = extra
+    return ""
 
 
 def form_final_code_deltas(update: dict[str, torch.Tensor], meta: ConfigRecord, expect: ReplyExpectation,

@@ -30,6 +30,7 @@ from fedaqt.client.trainer import algorithm_class, client_round, get_client_mode
 from fedaqt.config import RunConfig
 from fedaqt.protocol import (
     BROADCAST_KEY,
+    CONFIG_KEY,
     NUM_EXAMPLES,
     PARTITION_ID,
     QUANT_META_KEY,
@@ -40,6 +41,7 @@ from fedaqt.protocol import (
 )
 from fedaqt.quant.wire import QTensor, iter_decode_broadcast, record_nbytes
 from fedaqt.client.nodeinfo import reply_nodeinfo
+from fedaqt.client.secagg import is_secagg_message, secagg_mod
 
 log = logging.getLogger("fedaqt.client")
 
@@ -47,7 +49,7 @@ app = ClientApp()
 
 
 def handle_train(content: RecordDict, node_partition: int | None = None, profile: bool | None = None,
-                 release_broadcast: bool = False) -> RecordDict:
+                 release_broadcast: bool = False, secagg: bool = False) -> RecordDict:
     """Process one train message's content and return the reply content (never raises).
 
     The broadcast is decoded one tensor at a time straight into the model (never a second full copy); with
@@ -64,6 +66,9 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
         release_broadcast: the caller owns ``content`` (a delivered message): free the broadcast arrays as they
             are decoded. False (in-process callers that share the content): the bytes stay and are counted as
             held for the whole round.
+        secagg: a SecAgg+ round (:mod:`fedaqt.client.secagg`): the update is computed at float32 and returned in
+            the legacy ``FitRes`` layout that Flower's ``secaggplus_mod`` masks; a failure *raises* (Flower reports
+            the node as failed, SecAgg+ treats it as a dropout) instead of returning an error record.
     """
     pid = train_partition_id(content, node_partition)
     try:
@@ -81,7 +86,7 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
             load_broadcast(model, _counted(decoded, probe, arrays if release_broadcast else None))
             del decoded
             final_codes = (algorithm_class(config.algorithm).upload == "delta" and config.bits < 16
-                           and instr.accept_final_codes)
+                           and instr.accept_final_codes and not secagg)
             result = client_round(
                 workload,
                 model,
@@ -91,8 +96,16 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
                 proximal_mu=instr.proximal_mu,
                 final_codes=final_codes,
                 probe=probe,
+                uplink_bits=32 if secagg else None,
             )
             final_code_keys = result.final_code_keys
+            if secagg:
+                from fedaqt.client.secagg import secagg_reply
+
+                update = result.upload.decoded()
+                metrics = {PARTITION_ID: pid, NUM_EXAMPLES: result.num_examples, "pid": os.getpid(), **result.metrics}
+                return secagg_reply(content[CONFIG_KEY], update, result.num_examples, metrics, config, pid,
+                                    instr.server_round, nodeinfo=reply_nodeinfo())
             update_record = result.upload.to_array_record(release=True, probe=probe if probe.active else None)
         metrics = {PARTITION_ID: pid, NUM_EXAMPLES: result.num_examples, "pid": os.getpid(), **result.metrics,
                    **probe.profile.metrics()}
@@ -100,6 +113,8 @@ def handle_train(content: RecordDict, node_partition: int | None = None, profile
         return encode_reply(update_record, metrics, final_code_keys, nodeinfo=reply_nodeinfo())
     except Exception as exc:  # noqa: BLE001 - reported to the server, which records and skips this client
         log.error("client %s failed: %s", pid, traceback.format_exc())
+        if secagg:
+            raise RuntimeError(f"client {pid}: {error_text(exc)}") from exc
         return encode_error_reply(pid, error_text(exc))
 
 
@@ -134,10 +149,10 @@ def error_text(exc: BaseException, limit: int = 400) -> str:
     return head + where
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # Flower's secaggplus_mod for SecAgg+ messages only (fedaqt.client.secagg)
 def train(msg: Message, context: Context) -> Message:
     node_partition = context.node_config.get(PARTITION_ID)  # Flower's node-config key of the same name
     # the delivered message is this client's own copy: free the broadcast as it is decoded into the model
     reply = handle_train(msg.content, int(node_partition) if node_partition is not None else None,
-                         release_broadcast=True)
+                         release_broadcast=True, secagg=is_secagg_message(msg.content))
     return Message(content=reply, reply_to=msg)

@@ -508,6 +508,7 @@ def client_round(
     profile: Optional[bool] = None,
     final_codes: bool = False,
     probe: Optional[MemoryProbe] = None,
+    uplink_bits: Optional[int] = None,
 ) -> RoundResult:
     """Train the already-loaded client ``model`` for one round with the client algorithm ``config.algorithm``
     (:mod:`fedaqt.algorithms`) and encode the upload.
@@ -525,6 +526,8 @@ def client_round(
             broadcast, serializing the reply: :func:`fedaqt.client.app.handle_train`); the caller then reads
             the memory metrics from it after it exits and ``profile`` is ignored. None: the round measures
             itself (training only, no message bytes).
+        uplink_bits: encode the upload at these bits instead of ``config.uplink_bits`` (SecAgg+ clients take the
+            float32 update and encode it themselves, :mod:`fedaqt.client.secagg`).
 
     Returns:
         RoundResult; ``metrics`` hold ``train_loss``, ``seconds``, ``changed_fraction``, ``upload_bytes``, the
@@ -549,7 +552,8 @@ def client_round(
         probe = MemoryProbe(model, enabled, inputs=_batch_tensors(batches))
     else:
         probe.track(*_batch_tensors(batches))
-    upload = UploadBuffer(config.uplink_bits, uplink_generator(config.seed, client_id, round_num), probe)
+    bits = config.uplink_bits if uplink_bits is None else int(uplink_bits)
+    upload = UploadBuffer(bits, uplink_generator(config.seed, client_id, round_num), probe)
     ctx = LocalContext(
         workload=workload, model=model, config=config, client_id=client_id, round_num=round_num,
         qlayers=quant_layers(model), params={k: p for k, p in model.named_parameters() if p.requires_grad},

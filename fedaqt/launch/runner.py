@@ -71,6 +71,12 @@ def preflight(config: RunConfig) -> RunConfig:
         model = workload.build_model()
         build_strategy(config, make_spec(config, workload, model))  # the plugin's factory (+ the DP wrapper)
         algorithm.max_examples(config, workload, 0)  # e.g. local_epochs on a workload without partition_size
+        from fedaqt.options import core_options
+
+        if core_options(config).secagg:  # SecAgg+: combinations that cannot work (fedaqt.server.secagg)
+            from fedaqt.server.secagg import validate_secagg
+
+            validate_secagg(config, max(int(algorithm.max_examples(config, workload, c)) for c in range(config.num_clients)))
     except NotImplementedError as exc:
         raise ConfigError(f"algorithm {config.algorithm!r} with workload {config.workload!r}: {exc}") from exc
     except (ValueError, TypeError, KeyError) as exc:

@@ -30,7 +30,7 @@ from .pack import check_packed_int4, pack_int4, packed_int4_nbytes, unpack_int4
 from .wire import SCALE_SUFFIX, numpy_to_tensor
 
 __all__ = ["UPLINK_BITS", "encode_tensor_uplink", "encode_update", "decode_update", "stochastic_round_int8",
-           "stochastic_round_int4"]
+           "stochastic_round_int4", "stochastic_round_shared"]
 
 UPLINK_BITS: tuple[int, ...] = (32, 16, 8, 4)
 _T8 = 127
@@ -103,6 +103,42 @@ def _stochastic_round(t: torch.Tensor, tmax: int, generator: Optional[torch.Gene
     q = lo + (r < (u - lo)).to(torch.float64)
     q = q.clamp_(-tmax, tmax)
     return q.to(torch.int8), s32
+
+
+def stochastic_round_shared(t: torch.Tensor, scale: float, generator: Optional[torch.Generator] = None,
+                            tmax: int = _T8) -> tuple[torch.Tensor, int]:
+    """Unbiased stochastic rounding onto a *given* (shared, per-round) scale, for secure aggregation (issue 15).
+
+    ``q = clamp(floor(u) + 1[r < u - floor(u)], -tmax, tmax)``, ``u = t / scale``: every client of a round rounds
+    onto the same grid, so the integer codes can be summed under masks (:mod:`fedaqt.server.secagg`) and
+    ``scale * sum_k q_k`` is the sum of the clients' dequantized updates exactly. ``E[scale * q] = t`` for elements
+    with ``|t| <= tmax * scale``; larger ones are clipped (biased), and counted.
+
+    Args:
+        t: finite floating tensor (computed on CPU in float64).
+        scale: the shared scale, finite and > 0.
+        generator: CPU generator for the uniforms ``r`` (None: torch's global one).
+        tmax: largest code magnitude (127 for int8).
+
+    Returns:
+        ``(codes int8 tensor [t.shape] in [-tmax, tmax], number of clipped elements)``.
+
+    Raises:
+        ValueError: ``scale`` not finite and > 0, a non-floating ``t`` or non-finite values.
+    """
+    if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+        raise ValueError(f"shared scale must be a finite number > 0, got {scale!r}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"expected a floating tensor, got {t.dtype}")
+    x = t.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("cannot encode a tensor with non-finite values")
+    u = x / float(scale)
+    lo = torch.floor(u)
+    r = torch.rand(u.shape, generator=generator, dtype=torch.float64)
+    q = lo + (r < (u - lo)).to(torch.float64)
+    clipped = int((q.abs() > tmax).sum())
+    return q.clamp_(-tmax, tmax).to(torch.int8), clipped
 
 
 def encode_tensor_uplink(

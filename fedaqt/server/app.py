@@ -328,6 +328,13 @@ class Server:
         self.deadline_s = core_options(config).deadline_s
         self.sim_time = 0.0  # simulated seconds of the rounds done (rounds.csv ``sim_time``)
         self.available: list[int] | None = None  # this round's available clients (trace only)
+        #: SecAgg+ (``-o secagg=true``, :mod:`fedaqt.server.secagg`): runs each round's exchange; None = off
+        self.secagg = None
+        if core_options(config).secagg:
+            from fedaqt.server.secagg import SecAggRound, validate_secagg
+
+            validate_secagg(config, self.max_examples)
+            self.secagg = SecAggRound(config, self.spec, self.max_examples)
         if resume:
             self.restore()
             self.sim_time = self.simulated_time_done()
@@ -350,6 +357,8 @@ class Server:
             "rng": rng_state(),
             "records": self.run.records(),
         }
+        if self.secagg is not None:  # the int8 shared scales of the next round come from this round's mean
+            ckpt["secagg"] = self.secagg.state_dict()
         ckpt["digest"] = checkpoint_digest(ckpt)
         path = self.run.checkpoint_path
         tmp = path.with_name(path.name + ".tmp")
@@ -399,6 +408,8 @@ class Server:
             raise ValueError(f"checkpoint {path} does not match the model (float buffer names differ)")
         self.buffers = {k: np.asarray(v) for k, v in buffers.items()}
         restore_strategy_state(self.strategy, strategy)
+        if self.secagg is not None:
+            self.secagg.load_state_dict(ckpt.get("secagg", {}))
         set_rng_state(ckpt["rng"])
         self.start_round = done + 1
         return done
@@ -530,24 +541,28 @@ class Server:
         for rnd in range(self.start_round, cfg.rounds + 1):
             t0 = time.perf_counter()
             messages = self.configure_round(rnd, grid, train_config)
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            if self.on_round_end is not None:
-                self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
-            replies = self.in_partition_order(replies)
-            rows, accepted = self.validate_replies(rnd, replies)
             sim_row: dict[str, Any] = {}
-            if self.trace is not None:
-                rows, accepted, sim_row = self.apply_clock(rnd, messages, rows, accepted)
+            byte_row: dict[str, Any] = {}
             before = strategy_state(self.strategy)  # restored if the aggregated model is not finite
-            keys = list(self.spec.param_shapes)
-            normalized = [protocol.normalized_reply(update, keys, n, int(msg.metadata.src_node_id))
-                          for msg, update, n in accepted]
-            # the parameters now travel in `normalized`: keep only the buffer deltas (mean_buffers) of the decoded updates
-            accepted = [(msg, {k: update[k] for k in self.spec.buffer_shapes}, n) for msg, update, n in accepted]
-            new_arrays, metrics = self.strategy.aggregate_train(rnd, normalized)
-            new_buffers = self.mean_buffers(accepted)
-            self.record_nodes(replies, rows)
-            rows = self.record_timeouts(rnd, messages, replies, timeout, rows)
+            if self.secagg is not None:  # SecAgg+: the four stages replace send_and_receive + validation + mean
+                rows, accepted, new_arrays, metrics, new_buffers, byte_row = self.secagg_round(rnd, grid, messages, timeout)
+            else:
+                replies = list(grid.send_and_receive(messages, timeout=timeout))
+                if self.on_round_end is not None:
+                    self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
+                replies = self.in_partition_order(replies)
+                rows, accepted = self.validate_replies(rnd, replies)
+                if self.trace is not None:
+                    rows, accepted, sim_row = self.apply_clock(rnd, messages, rows, accepted)
+                keys = list(self.spec.param_shapes)
+                normalized = [protocol.normalized_reply(update, keys, n, int(msg.metadata.src_node_id))
+                              for msg, update, n in accepted]
+                # the parameters now travel in `normalized`: keep only the buffer deltas (mean_buffers) of the decoded updates
+                accepted = [(msg, {k: update[k] for k in self.spec.buffer_shapes}, n) for msg, update, n in accepted]
+                new_arrays, metrics = self.strategy.aggregate_train(rnd, normalized)
+                new_buffers = self.mean_buffers(accepted)
+                self.record_nodes(replies, rows)
+                rows = self.record_timeouts(rnd, messages, replies, timeout, rows)
             rejected = ""
             if new_arrays is not None:
                 rejected = self.nonfinite_reason(new_arrays, new_buffers)
@@ -558,6 +573,8 @@ class Server:
                 else:
                     self.arrays = self.as_model_dtypes(new_arrays)
                     self.buffers = new_buffers
+                    if self.secagg is not None and byte_row.get("_mean") is not None:
+                        self.secagg.update_scales(byte_row["_mean"])
             else:
                 log.warning("round %d: no client update was aggregated; the global model is unchanged", rnd)
             ok = [r for r in rows if r.status == "ok"]
@@ -567,13 +584,16 @@ class Server:
             row: dict[str, Any] = {
                 "round": rnd,
                 "train_loss": train_loss,
-                "bytes_down": int(sum(record_nbytes(m.content[BROADCAST_KEY]) for m in messages)),
-                "bytes_up": int(sum(r.bytes_up for r in rows)),
+                "bytes_down": int(byte_row.pop("bytes_down_override", None)
+                                  or sum(record_nbytes(m.content[BROADCAST_KEY]) for m in messages)),
+                "bytes_up": int(byte_row.pop("bytes_up_override", None) or sum(r.bytes_up for r in rows)),
                 "clients_ok": len(accepted),
                 "clients_sampled": len(messages),
                 "update_rejected": int(bool(rejected)),
             }
             row.update(sim_row)
+            byte_row.pop("_mean", None)
+            row.update(byte_row)  # SecAgg+: bytes of all four stages, masked-vector bytes
             for k, v in (metrics.items() if metrics is not None else ()):  # the strategy's own statistics
                 if k != NUM_EXAMPLES and k not in row:
                     row[k] = v
@@ -595,6 +615,32 @@ class Server:
                     f"then continue with `fedaqt run --resume {self.run.root}`"
                 )
         return self.finish()
+
+    def secagg_round(self, rnd: int, grid: Any, messages: list[Message], timeout: float) -> tuple[Any, ...]:
+        """One round through SecAgg+ (:class:`fedaqt.server.secagg.SecAggRound`): returns (clients.csv rows, the
+        aggregated clients (a list of that length), the strategy's new arrays and metrics, the new float buffers,
+        rounds.csv byte columns + ``"_mean"``, the unmasked mean). The strategy gets the securely aggregated mean
+        as one normalized reply of weight ``sum n_k``, so its weighted mean is that mean and the server optimizer and
+        the relay correction apply to it unchanged."""
+        assert self.secagg is not None
+        messages = self.secagg.prepare(messages)
+
+        def expectation(node: int) -> protocol.ReplyExpectation:
+            return protocol.ReplyExpectation(round=rnd, partition=self.partition_of.get(node, -1), spec=self.spec,
+                                             max_examples=self.max_examples)
+
+        out = self.secagg.run(rnd, grid, messages, timeout, expectation, self.partition_of,
+                              on_stage_end=self.on_round_end)
+        self.record_nodes(out.replies, out.rows)
+        byte_row: dict[str, Any] = {"bytes_down_override": out.bytes_down, "bytes_up_override": out.bytes_up,
+                                    "secagg_masked_bytes": out.masked_bytes, "_mean": out.mean}
+        if out.mean is None or out.total <= 0:
+            return out.rows, [], None, None, dict(self.buffers), byte_row
+        keys = list(self.spec.param_shapes)
+        reply = protocol.normalized_reply({k: torch.from_numpy(out.mean[k]) for k in keys}, keys, out.total, 0)
+        new_arrays, metrics = self.strategy.aggregate_train(rnd, [reply])
+        new_buffers = {k: (self.buffers[k] + out.mean[k]).astype(self.buffers[k].dtype) for k in self.spec.buffer_shapes}
+        return out.rows, [None] * out.aggregated, new_arrays, metrics, new_buffers, byte_row
 
     def apply_clock(self, rnd: int, messages: list[Any], rows: list[ClientRow],
                     accepted: list[tuple[Any, dict[str, torch.Tensor], int]]
