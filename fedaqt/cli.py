@@ -23,7 +23,7 @@ console = Console()
 #: ``fedaqt run`` flags that set a workload option of the same name (they were RunConfig fields before)
 OPTION_SHORTCUTS = ("data_dir", "model_size", "real_eval", "real_eval_max", "partition", "alpha")
 #: flags that set a core option of the same name (fedaqt.options.CoreOptions)
-CORE_SHORTCUTS = ("device_trace", "deadline_s")
+CORE_SHORTCUTS = ("device_trace", "deadline_s", "secagg")
 
 
 def _fail(msg: str) -> None:
@@ -65,6 +65,7 @@ def run(
     device_profile: Optional[str] = typer.Option(None, help="CSV of per-client memory budgets"),
     device_trace: Optional[str] = typer.Option(None, help="core option device_trace: device trace CSV (simulated clock, availability)"),
     deadline_s: Optional[float] = typer.Option(None, help="core option deadline_s: simulated round deadline in seconds (needs --device-trace)"),
+    secagg: Optional[bool] = typer.Option(None, "--secagg/--no-secagg", help="core option secagg: Flower's SecAgg+ secure aggregation (FedSGD, --uplink-bits 32 or 8)"),
     option: list[str] = typer.Option([], "--option", "-o", help="option KEY=VALUE (repeatable) of the core (round_timeout, max_nonfinite_rounds, profile_memory), the workload, strategy or algorithm: `fedaqt plugins show NAME`"),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last complete round (its config.json; only --num-cpus, --client-num-cpus, --ray-address may change)"),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="asr: start from random weights even when `fedaqt pretrain` wrote runs/pretrained/pretrained.pt"),
