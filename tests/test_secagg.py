@@ -220,6 +220,39 @@ def test_too_few_clients_for_the_threshold_halts_the_round_and_keeps_the_model(t
     assert (clients.status != "ok").all() and pd.read_csv(tmp_path / "halt" / "rounds.csv").clients_ok[0] == 0
 
 
+def test_int8_run_resumed_after_a_crash_equals_the_uninterrupted_one(tmp_path):
+    """The shared scales of round r come from round r-1's mean: they are checkpointed, so a resumed int8 SecAgg+
+    run computes the same rounds bitwise (the masked integer sums are exact, the rounding is seeded)."""
+    from fedaqt.server.app import read_checkpoint
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashingGrid(AppGrid):
+        def send_and_receive(self, messages, timeout=None):
+            if self.calls == 8:  # round 3's first SecAgg+ stage (4 stages per round)
+                raise Crash("killed")
+            return super().send_and_receive(messages, timeout)
+
+    def cfg(name):
+        return _cfg(tmp_path, name, 8).override({"rounds": 4})
+
+    full = Server(cfg("full"), tmp_path / "full")
+    full.run_rounds(AppGrid(3))
+    first = Server(cfg("cut"), tmp_path / "cut")
+    with pytest.raises(Crash):
+        first.run_rounds(CrashingGrid(3))
+    assert read_checkpoint(tmp_path / "cut" / "checkpoint.pt")["secagg"]["prev_amax"] == first.secagg.prev_amax
+    second = Server(cfg("cut"), tmp_path / "cut", resume=True)
+    assert second.start_round == 3 and second.secagg.prev_amax == first.secagg.prev_amax
+    second.run_rounds(AppGrid(3))
+    a, b = (pd.read_csv(tmp_path / n / "rounds.csv") for n in ("full", "cut"))
+    cols = [c for c in a.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    for k, v in full.arrays.items():
+        assert np.array_equal(v.numpy(), second.arrays[k].numpy()), k
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(uplink_bits=4), "uplink-bits 32 or 8"),
     (dict(uplink_bits=16), "uplink-bits 32 or 8"),
