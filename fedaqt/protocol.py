@@ -8,8 +8,10 @@ Train message (server -> client), a :class:`flwr.app.RecordDict`:
 * ``QUANT_META_KEY`` (ConfigRecord): the codes' metadata (keys, bit-widths, axes, shapes);
 * ``CONFIG_KEY`` (ConfigRecord): ``RUN_CONFIG`` (the run's configuration as JSON), ``SERVER_ROUND`` (set by
   Flower's ``configure_train``), ``PARTITION_ID`` (the data partition the server assigned to that node),
-  ``PROXIMAL_MU`` (FedProx, set by Flower's FedProx) and ``ACCEPT_FINAL_CODES`` (the server forms FedAvg deltas
-  from final codes itself).
+  ``PROXIMAL_MU`` (FedProx, set by Flower's FedProx), ``ACCEPT_FINAL_CODES`` (the server forms FedAvg deltas
+  from final codes itself) and, in a SecAgg+ round, ``SECAGG_KEYS`` / ``SECAGG_SCALES`` (the update keys in the order
+  of the masked vector, the shared int8 scales; :mod:`fedaqt.client.secagg`). A SecAgg+ reply is Flower's legacy
+  ``FitRes`` layout masked by ``secaggplus_mod`` instead of the reply below.
 
 Reply (client -> server):
 
