@@ -414,3 +414,20 @@ def read_checkpoint_params(run_dir):
     from fedaqt.server.app import read_checkpoint
 
     return {k: t.numpy() for k, t in read_checkpoint(run_dir / "checkpoint.pt")["params"].items()}
+
+
+def test_shared_scale_rounding_is_unbiased_and_counts_clipping():
+    from fedaqt.quant.uplink import stochastic_round_shared
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.0, 0.25, -0.25, 1.0, 2.6, -3.0], dtype=torch.float64)
+    s = 0.1
+    draws = torch.stack([stochastic_round_shared(t, s, g, tmax=20)[0].double() for _ in range(4000)])
+    u, d = (t / s).numpy()[:4], draws.numpy()[:, :4]  # the unclipped elements
+    assert ((d == np.floor(u)) | (d == np.ceil(u))).all()  # one of the two neighbouring codes
+    np.testing.assert_allclose(d.mean(0) * s, t.numpy()[:4], atol=4 * s / np.sqrt(4000))  # unbiased
+    assert (draws.numpy()[:, 4:] == [20, -20]).all()
+    q, clipped = stochastic_round_shared(t, s, g, tmax=20)
+    assert clipped == 2 and q[4] == 20 and q[5] == -20  # |u| = 26, 30 > 20: clipped and counted
+    with pytest.raises(ValueError, match="shared scale"):
+        stochastic_round_shared(t, 0.0)
