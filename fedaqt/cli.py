@@ -305,6 +305,9 @@ def data_speech(
     num_pretrain_speakers: int = typer.Option(48, help="phone domain: 16 kHz speakers for central pretraining "
                                               "(first in train/; `fedaqt pretrain --speakers` uses them)"),
     pretrain_utterances: int = typer.Option(80, help="phone domain: utterances per pretraining speaker"),
+    eval_utterances: int = typer.Option(8, help="utterances per held-out evaluation speaker"),
+    text_shift: bool = typer.Option(False, help="phone domain: pretraining speakers read system prompts, clients and "
+                                    "held-out speakers callers' digits/spelling/times (default: one mix for all)"),
 ) -> None:
     """Build the default speech corpus (phone-menu sentences, or Shakespeare roles) read by flite / espeak-ng."""
     from fedaqt.data.corpus import build_speech_corpus
@@ -313,7 +316,8 @@ def data_speech(
         info = build_speech_corpus(out, num_train_speakers=num_train_speakers, num_eval_speakers=num_eval_speakers,
                                    utterances_per_speaker=utterances_per_speaker, seed=seed, domain=domain,
                                    num_pretrain_speakers=num_pretrain_speakers if domain == "phone" else 0,
-                                   pretrain_utterances_per_speaker=pretrain_utterances)
+                                   pretrain_utterances_per_speaker=pretrain_utterances,
+                                   eval_utterances_per_speaker=eval_utterances, text_shift=text_shift)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     console.print_json(json.dumps(info, default=str))

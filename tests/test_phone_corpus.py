@@ -95,3 +95,25 @@ def test_run_ignores_a_damaged_pretrained_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = RunConfig()
     assert cli._with_pretrained(cfg) is cfg  # unchanged: random init, with a message
+
+
+def test_text_shift_gives_pretraining_and_client_speakers_disjoint_kinds(tmp_path: Path):
+    """--text-shift: pretraining speakers never read the callers' words (NATO spelling, weekdays, months),
+    client/dev speakers mostly do; without it every group draws from one mix (checked on the candidate lines,
+    no synthesis)."""
+    bank_words = {w for c in _bank_or_skip() for w in c.split()}
+    from fedaqt.data.corpus import _phone_jobs, plan_phone_speakers
+
+    specs = plan_phone_speakers(4, 4, 2, 0, ["flite", "espeak"])
+    # words only the callers' kinds produce (ECHO, MAY, ... also occur in prompt clauses)
+    callers = {w.upper() for w in phone_text.NATO + phone_text.WEEKDAYS + phone_text.MONTHS} - bank_words
+
+    def share(jobs, group):  # fraction of a group's candidate lines with a callers' word
+        lines = [t for j in jobs if j["spec"]["group"] == group for t, _ in j["candidates"]]
+        return sum(bool(set(t.split()) & callers) for t in lines) / len(lines)
+
+    shifted = _phone_jobs(specs, 20, 20, 10, 0, tmp_path, text_shift=True)
+    assert share(shifted, "pretrain") == 0.0
+    assert share(shifted, "client") > 0.25 and share(shifted, "dev") > 0.25
+    plain = _phone_jobs(specs, 20, 20, 10, 0, tmp_path)
+    assert 0.0 < share(plain, "pretrain") < 0.2 and share(plain, "client") < 0.2

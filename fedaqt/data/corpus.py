@@ -361,13 +361,24 @@ def plan_phone_speakers(num_pretrain: int, num_client: int, num_dev: int, seed: 
     return specs
 
 
-def _phone_jobs(specs: list[SpeakerSpec], n_pretrain: int, n_train: int, n_eval: int, seed: int, partial: Path) -> list[dict]:
+def _phone_jobs(specs: list[SpeakerSpec], n_pretrain: int, n_train: int, n_eval: int, seed: int, partial: Path,
+                text_shift: bool = False) -> list[dict]:
     """Candidate lines of every phone-domain speaker: train speakers draw from the train clause bank, dev
     speakers from the held-out clauses; dev transcripts never occur in train, generated (non-prompt) transcripts
-    never repeat, and one speaker never reads a transcript twice."""
+    never repeat, and one speaker never reads a transcript twice. ``text_shift``: pretraining speakers draw from
+    :data:`~fedaqt.data.phone_text.PRETRAIN_MIX`, client and dev speakers from ``CLIENT_MIX``; otherwise all from
+    ``DEFAULT_MIX``."""
     from fedaqt.data.phone_text import PhoneTextGenerator
 
-    gens = {"train": PhoneTextGenerator("train", seed), "dev": PhoneTextGenerator("dev", seed)}
+    from fedaqt.data.phone_text import CLIENT_MIX, PRETRAIN_MIX
+
+    if text_shift:  # pretraining speakers read system prompts, clients and dev speakers callers' entries
+        gens = {("train", "pretrain"): PhoneTextGenerator("train", seed, PRETRAIN_MIX),
+                ("train", "client"): PhoneTextGenerator("train", seed, CLIENT_MIX),
+                ("dev", "dev"): PhoneTextGenerator("dev", seed, CLIENT_MIX)}
+    else:
+        gens = {(split, group): PhoneTextGenerator(split, seed)
+                for split, group in (("train", "pretrain"), ("train", "client"), ("dev", "dev"))}
     used: set[str] = set()
     jobs = []
     for spec in sorted(specs, key=lambda sp: sp.split != "train"):  # train first: dev avoids all train texts
@@ -378,7 +389,7 @@ def _phone_jobs(specs: list[SpeakerSpec], n_pretrain: int, n_train: int, n_eval:
         tries = 0
         while len(cands) < _OVERFETCH * n + 8 and tries < 200 * n:
             tries += 1
-            kind, tr = gens[spec.split].sample(rng)
+            kind, tr = gens[(spec.split, spec.group)].sample(rng)
             if tr in mine or (tr in used and (kind != "prompt" or spec.split == "dev")):
                 continue
             mine.add(tr)
@@ -504,8 +515,11 @@ def _build_speaker(job: dict) -> dict:
 _MARKER = ".fedaqt-speech-corpus"
 
 
-def _params(num_train, num_eval, n_train, n_eval, seed, engines, domain="shakespeare", num_pretrain=0, n_pretrain=0) -> dict:
-    return {
+def _params(num_train, num_eval, n_train, n_eval, seed, engines, domain="shakespeare", num_pretrain=0, n_pretrain=0,
+            text_shift=False) -> dict:
+    # present only when on, so the parameters (and the cache key) of a corpus without the shift stay those of v2
+    extra = {"text_shift": True} if domain == "phone" and text_shift else {}
+    return {**extra,
         "corpus_version": CORPUS_VERSION,
         "domain": domain,
         "num_pretrain_speakers": num_pretrain,
@@ -560,6 +574,7 @@ def build_speech_corpus(
     domain: str = "shakespeare",
     num_pretrain_speakers: int = 0,
     pretrain_utterances_per_speaker: int = 80,
+    text_shift: bool = False,
 ) -> dict:
     """Build (or find) the default synthesized ASR corpus in the LibriSpeech layout.
 
@@ -567,7 +582,10 @@ def build_speech_corpus(
     real Asterisk prompts, :mod:`fedaqt.data.phone_text`; ``num_pretrain_speakers`` 16 kHz pretraining speakers
     (ids 1001…) come first in ``train/``, then ``num_train_speakers`` client speakers (3001…) and the dev speakers
     (5001…) in other accents/variants through the 8 kHz telephone band, see :func:`plan_phone_speakers`), and
-    ``"shakespeare"`` (this function's default, described below; ``num_pretrain_speakers`` must be 0).
+    ``"shakespeare"`` (this function's default, described below; ``num_pretrain_speakers`` must be 0). In the
+    phone domain ``text_shift`` gives the pretraining speakers system-prompt text and the client and
+    dev speakers callers' text (:data:`fedaqt.data.phone_text.PRETRAIN_MIX` / ``CLIENT_MIX``); False (default) gives
+    every group ``DEFAULT_MIX``.
 
     Writes ``out_dir/train`` (``num_train_speakers`` × ``utterances_per_speaker``) and ``out_dir/dev``
     (``num_eval_speakers`` × ``eval_utterances_per_speaker``, held-out speakers and roles), ``speakers.csv``
@@ -620,7 +638,7 @@ def build_speech_corpus(
         raise ValueError(f"num_pretrain_speakers={num_pre}: pretraining speakers exist only in the phone domain")
     out = Path(out_dir).expanduser().resolve()
     engines = _require_engines()
-    params = _params(num_train, num_eval, n_train, n_eval, seed, engines, domain, num_pre, n_pre)
+    params = _params(num_train, num_eval, n_train, n_eval, seed, engines, domain, num_pre, n_pre, text_shift)
     if domain == "phone":
         from fedaqt.data.phone_text import clause_bank
 
@@ -658,7 +676,8 @@ def _build(out: Path, params: dict, engines: list[str], workers: int | None, pro
     partial = out / ".partial"
     if params["domain"] == "phone":
         specs = plan_phone_speakers(params["num_pretrain_speakers"], num_train, num_eval, seed, engines)
-        jobs = _phone_jobs(specs, params["pretrain_utterances_per_speaker"], n_train, n_eval, seed, partial)
+        jobs = _phone_jobs(specs, params["pretrain_utterances_per_speaker"], n_train, n_eval, seed, partial,
+                           params.get("text_shift", False))
     else:
         specs, jobs = _shakespeare_jobs(num_train, num_eval, n_train, n_eval, seed, engines, partial)
     wanted = {j["spec"]["speaker_id"]: j["n"] for j in jobs}

@@ -27,7 +27,7 @@ import hashlib
 import random
 import re
 
-__all__ = ["KINDS", "DEFAULT_MIX", "clause_bank", "PhoneTextGenerator"]
+__all__ = ["KINDS", "DEFAULT_MIX", "PRETRAIN_MIX", "CLIENT_MIX", "clause_bank", "PhoneTextGenerator"]
 
 ONES = "zero one two three four five six seven eight nine".split()
 TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
@@ -43,6 +43,13 @@ THINGS = ("password", "mailbox number", "extension", "account number", "conferen
 KINDS = ("prompt", "menu", "entry", "count", "time", "digits", "spelling")
 #: default share of each kind (sums to 1)
 DEFAULT_MIX = {"prompt": 0.30, "menu": 0.20, "entry": 0.12, "count": 0.10, "time": 0.08, "digits": 0.12, "spelling": 0.08}
+#: text shift of the default corpus (issue 11): the central pretraining speakers read what a phone system says
+#: (prompt clauses, menus, entry and count announcements), the federated clients and the held-out speakers read
+#: what its callers key in and spell out (digit strings, NATO spelling, times and dates, entries). Words such as
+#: the NATO alphabet, weekdays, months and ordinals occur only on the clients, so federated rounds have
+#: something to teach that pretraining did not.
+PRETRAIN_MIX = {"prompt": 0.40, "menu": 0.30, "entry": 0.15, "count": 0.15}
+CLIENT_MIX = {"digits": 0.25, "spelling": 0.25, "time": 0.25, "entry": 0.10, "count": 0.10, "menu": 0.05}
 MIN_WORDS, MAX_WORDS = 2, 14
 
 _SPLIT = re.compile(r"[.!?;]+|\.\.\.")
