@@ -124,6 +124,42 @@ def test_eval_columns_and_ci_against_a_per_episode_loop(glyph_dir, method):
     assert ci95(np.array([0.0, 1.0])) == pytest.approx(1.96 * 0.5 / np.sqrt(2))
 
 
+def test_maml_head_evaluation_against_plain_torch_per_episode(glyph_dir, monkeypatch):
+    """``method=maml`` evaluation (``eval_adapt=head``, chunked batches) equals, episode by episode, plain torch SGD
+    of an ``nn.Linear`` from the model's classifier on the support features centred on their mean, step 1/L from
+    a numpy eigen-solve (the accuracies and CIs to 1e-12)."""
+    import torch.nn.functional as F
+
+    import fedaqt.workloads.fewshot as fsw
+
+    monkeypatch.setattr(fsw, "_EVAL_CHUNK", 7)  # 30 episodes in 5 chunks
+    wl = FewShotWorkload(_cfg(glyph_dir, algorithm="fomaml", options={"adapt_steps": 8}))
+    wl.prepare()
+    model = wl.build_model()
+    out = wl.evaluate(model, 1)
+    feats = wl.pool_features(model).double()
+    for shots in (1, 5):
+        ys, yq = torch.arange(5).repeat_interleave(shots), torch.arange(5).repeat_interleave(3)
+        ref = []
+        for s, q in wl.eval_episode_indices(shots):
+            fs, fq = feats[torch.from_numpy(s)], feats[torch.from_numpy(q)]
+            mu = fs.mean(0)
+            xa = np.concatenate([(fs - mu).numpy(), np.ones((len(s), 1))], 1)
+            lin = nn.Linear(fs.shape[1], 5).double()
+            with torch.no_grad():
+                lin.weight.copy_(model.classifier.weight)
+                lin.bias.copy_(model.classifier.bias + model.classifier.weight.double() @ mu)
+            opt = torch.optim.SGD(lin.parameters(), lr=1.0 / (0.5 * np.linalg.eigvalsh(xa.T @ xa / len(s))[-1]))
+            for _ in range(8):
+                opt.zero_grad()
+                F.cross_entropy(lin(fs - mu), ys).backward()
+                opt.step()
+            with torch.no_grad():
+                ref.append(float((lin(fq - mu).argmax(1) == yq).double().mean()))
+        assert out[f"eval_acc_{shots}shot"] == pytest.approx(np.mean(ref), abs=1e-12)
+        assert out[f"eval_ci95_{shots}shot"] == pytest.approx(ci95(np.asarray(ref)), abs=1e-12)
+
+
 def _client(wl: FewShotWorkload, cfg: RunConfig):
     from fedaqt.client.trainer import build_client_model, load_broadcast
     from fedaqt.quant.wire import decode_broadcast, encode_broadcast
