@@ -61,6 +61,17 @@ def test_svm_kkt():
     assert lam[inactive].abs().max() < 1e-4  # stationarity on inactive components
     assert lam.min() > -1e-4  # dual feasibility
     assert (lam * (h - alpha)).abs().max() < 1e-4  # complementary slackness
+    # the QP is MetaOptNet's Crammer-Singer dual, written out independently: objective 1/2 sum_m ||sum_i a_im phi_i||^2
+    # + ridge/2 ||a||^2 - sum_i a_{i,y_i}, constraints a_im <= C [y_i = m], sum_m a_im = 0
+    f, yy, rng = phi.numpy(), y.numpy(), np.random.default_rng(7)
+    for _ in range(3):
+        a_ = rng.normal(size=(6, 3))
+        obj = 0.5 * sum(np.sum((a_[:, m, None] * f).sum(0) ** 2) for m in range(3)) + 0.5 * np.sum(a_ ** 2) \
+            - sum(a_[i, yy[i]] for i in range(6))
+        av = torch.tensor(a_.reshape(-1))
+        assert abs(float(0.5 * av @ q @ av + p @ av) - obj) < 1e-10
+        np.testing.assert_allclose((a @ av).numpy(), a_.sum(1), atol=1e-12)
+    np.testing.assert_allclose(h.numpy().reshape(6, 3), 0.1 * (yy[:, None] == np.arange(3)), atol=0)
 
 
 def test_maml_quadratic_1e10():
