@@ -215,8 +215,9 @@ def adapt_classifier(weight: torch.Tensor, bias: torch.Tensor, fs: torch.Tensor,
 
 class EpisodeHead(nn.Module):
     """The learnable scalars of a head: ProtoNet ``scale`` (init 1), R2-D2 ``alpha`` (1) / ``beta`` (0) /
-    ``log_lambda`` (log 50, learnable with ``learn_lambda``), SVM ``scale`` (1). All float ``[1]`` tensors (not
-    0-d: fedaqt's broadcast/update path handles >= 1-d tensors), never quantized."""
+    ``log_lambda`` (log 50, learnable with ``learn_lambda``), SVM ``scale`` (1). All float ``[1]`` tensors (kept so
+    for checkpoint compatibility; 0-d parameters also work since the normalized reply keeps their shape), never
+    quantized."""
 
     def __init__(self, method: str, lam: float = 50.0, learn_lambda: bool = False, c_reg: float = 0.1,
                  svm_ridge: float = 1.0, svm_iters: int = 15, normalize_by_dim: bool = True) -> None:
