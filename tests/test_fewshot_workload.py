@@ -23,13 +23,13 @@ SPLIT_CLASSES = (12, 3, 6)  # background, validation, evaluation
 PER_CLASS = 16
 
 
-def _fake_glyphs(root: Path) -> Path:
+def _fake_glyphs(root: Path, split_classes: tuple[int, int, int] = SPLIT_CLASSES) -> Path:
     """A glyphs.npz in the format of :mod:`fedaqt.data.glyphs`; pixel (0, 0) of every image holds its global class
     id (so tests can tell which class an image came from), the rest is a class-dependent pattern + noise."""
     rng = np.random.default_rng(0)
     images, labels, split = [], [], []
     c = 0
-    for s, n in enumerate(SPLIT_CLASSES):
+    for s, n in enumerate(split_classes):
         for _ in range(n):
             base = rng.integers(0, 200, size=(28, 28))
             for _ in range(PER_CLASS):
@@ -353,6 +353,29 @@ def test_bad_configs_are_refused_in_preflight(glyph_dir):
     with pytest.raises(ConfigError, match="method"):
         preflight(_cfg(glyph_dir, options={"method": "matchingnet"}))
     preflight(_cfg(glyph_dir, bits=32, algorithm="maml"))  # second order is fine at 32 bits
+
+
+def test_profile_names_the_episode_and_the_parameter_count(tmp_path):
+    """``fedaqt profile --workload fewshot`` (one real client round in a fresh process): the header and title say
+    what a batch is (an episode: "episode 5-way 2-shot 3-query (25 images)", not "batch 2") and the parameter
+    count in digits (a Conv-4 of width 8 is ~1.9k parameters; "0.0M" said nothing)."""
+    from typer.testing import CliRunner
+
+    from fedaqt.cli import app
+
+    glyph_dir = str(_fake_glyphs(tmp_path / "glyphs", (160, 1, 6)))  # profile's 32 clients need 5 classes each
+    wl = FewShotWorkload(_cfg(glyph_dir, num_clients=32))
+    n = sum(p.numel() for p in wl.build_model().parameters())
+    res = CliRunner().invoke(app, ["profile", "--workload", "fewshot", "--bits", "8", "--uplink-bits", "32",
+                                   "--out", str(tmp_path / "prof"), "-o", f"data_dir={glyph_dir}", "-o", "width=8",
+                                   "-o", "k_shot=2", "-o", "q_query=3"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "episode 5-way 2-shot 3-query (25 images)" in text and "batch 2" not in text
+    assert f"({n:,} parameters)" in text and "0.0M" not in text
+    assert wl.batch_label() == "episode 5-way 2-shot 3-query (25 images)"
+    assert FewShotWorkload(_cfg(glyph_dir, batch_size=8, options={"method": "classical"})).batch_label() == \
+        "batch 8 (4 classes x 2)"
 
 
 @pytest.mark.slow

@@ -428,6 +428,14 @@ class FewShotWorkload(Workload):
         out.update(self.feature_metrics(feats))
         return out
 
+    def batch_label(self) -> str:
+        """``"episode 5-way 5-shot 10-query (75 images)"`` for the episode methods and the MAML family (whose
+        algorithms cut the episode themselves), ``"batch N (N/2 classes x 2)"`` for ``classical``."""
+        o = self.options
+        if self.method == "classical":
+            return f"batch {self.config.batch_size} ({self.config.batch_size // 2} classes x 2)"
+        return f"episode {o.n_way}-way {o.k_shot}-shot {o.q_query}-query ({self.task_examples()} images)"
+
     def describe(self) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
             model = self.new_model()
