@@ -14,7 +14,8 @@ Methods and training (Adam lr ``--adam-lr`` unless noted; episodes 5-way 5-shot 
 * ``protonet``, ``r2d2``, ``svm``: one episode per step, query CE of the head;
 * ``fomaml`` (first-order MAML; second order is not benchmarked): 5 inner SGD steps lr 0.05 of the whole network
   on the support set, the query gradient at the adapted weights -> Adam on the meta-parameters; evaluation
-  adapts the 5-way classifier on the support features (``eval_adapt=head``, the workload's default 50 steps lr 0.5);
+  adapts the 5-way classifier on the support features (``eval_adapt=head``, the workload's default: 100 gradient
+  steps of size 1/L on the support-centred features, :func:`fedaqt.models.fewshot.adapt_classifier`);
 * ``reptile``: 5 inner SGD steps lr 0.05 on minibatches of 10 images of one episode, ``theta += eps (theta~ -
   theta)`` with eps decayed linearly 1.0 -> 0.1; evaluated like FOMAML;
 * ``classical`` (+ ``R_FC`` weight ``--reg-weight``, + ``R_HV``): CE over all background classes on batches of

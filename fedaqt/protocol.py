@@ -449,6 +449,7 @@ def normalized_reply(update: Mapping[str, torch.Tensor], keys: Any, num_examples
     from flwr.app import Array
     from flwr.common import MessageType
 
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(update[k].detach().cpu().numpy())) for k in keys})
+    # np.array(order="C"), not np.ascontiguousarray: the latter turns a 0-d parameter into shape (1,)
+    arrays = ArrayRecord({k: Array(np.array(update[k].detach().cpu().numpy(), copy=True, order="C")) for k in keys})
     content = RecordDict({UPDATE_KEY: arrays, METRICS_KEY: MetricRecord({NUM_EXAMPLES: int(num_examples)})})
     return Message(content=content, dst_node_id=int(node_id), message_type=MessageType.TRAIN)

@@ -23,13 +23,13 @@ SPLIT_CLASSES = (12, 3, 6)  # background, validation, evaluation
 PER_CLASS = 16
 
 
-def _fake_glyphs(root: Path) -> Path:
+def _fake_glyphs(root: Path, split_classes: tuple[int, int, int] = SPLIT_CLASSES) -> Path:
     """A glyphs.npz in the format of :mod:`fedaqt.data.glyphs`; pixel (0, 0) of every image holds its global class
     id (so tests can tell which class an image came from), the rest is a class-dependent pattern + noise."""
     rng = np.random.default_rng(0)
     images, labels, split = [], [], []
     c = 0
-    for s, n in enumerate(SPLIT_CLASSES):
+    for s, n in enumerate(split_classes):
         for _ in range(n):
             base = rng.integers(0, 200, size=(28, 28))
             for _ in range(PER_CLASS):
@@ -124,6 +124,42 @@ def test_eval_columns_and_ci_against_a_per_episode_loop(glyph_dir, method):
     assert ci95(np.array([0.0, 1.0])) == pytest.approx(1.96 * 0.5 / np.sqrt(2))
 
 
+def test_maml_head_evaluation_against_plain_torch_per_episode(glyph_dir, monkeypatch):
+    """``method=maml`` evaluation (``eval_adapt=head``, chunked batches) equals, episode by episode, plain torch SGD
+    of an ``nn.Linear`` from the model's classifier on the support features centred on their mean, step 1/L from
+    a numpy eigen-solve (the accuracies and CIs to 1e-12)."""
+    import torch.nn.functional as F
+
+    import fedaqt.workloads.fewshot as fsw
+
+    monkeypatch.setattr(fsw, "_EVAL_CHUNK", 7)  # 30 episodes in 5 chunks
+    wl = FewShotWorkload(_cfg(glyph_dir, algorithm="fomaml", options={"adapt_steps": 8}))
+    wl.prepare()
+    model = wl.build_model()
+    out = wl.evaluate(model, 1)
+    feats = wl.pool_features(model).double()
+    for shots in (1, 5):
+        ys, yq = torch.arange(5).repeat_interleave(shots), torch.arange(5).repeat_interleave(3)
+        ref = []
+        for s, q in wl.eval_episode_indices(shots):
+            fs, fq = feats[torch.from_numpy(s)], feats[torch.from_numpy(q)]
+            mu = fs.mean(0)
+            xa = np.concatenate([(fs - mu).numpy(), np.ones((len(s), 1))], 1)
+            lin = nn.Linear(fs.shape[1], 5).double()
+            with torch.no_grad():
+                lin.weight.copy_(model.classifier.weight)
+                lin.bias.copy_(model.classifier.bias + model.classifier.weight.double() @ mu)
+            opt = torch.optim.SGD(lin.parameters(), lr=1.0 / (0.5 * np.linalg.eigvalsh(xa.T @ xa / len(s))[-1]))
+            for _ in range(8):
+                opt.zero_grad()
+                F.cross_entropy(lin(fs - mu), ys).backward()
+                opt.step()
+            with torch.no_grad():
+                ref.append(float((lin(fq - mu).argmax(1) == yq).double().mean()))
+        assert out[f"eval_acc_{shots}shot"] == pytest.approx(np.mean(ref), abs=1e-12)
+        assert out[f"eval_ci95_{shots}shot"] == pytest.approx(ci95(np.asarray(ref)), abs=1e-12)
+
+
 def _client(wl: FewShotWorkload, cfg: RunConfig):
     from fedaqt.client.trainer import build_client_model, load_broadcast
     from fedaqt.quant.wire import decode_broadcast, encode_broadcast
@@ -192,6 +228,113 @@ def test_reptile_and_fomaml_uploads_match_plain_torch(glyph_dir):
             torch.testing.assert_close(res.upload.decode(k).to(w.dtype), w, atol=1e-5, rtol=1e-4)
 
 
+def test_batched_reptile_is_fedavgm_with_server_lr_eps_through_the_server(glyph_dir, tmp_path):
+    """Must-show 1, end to end: ``--algorithm reptile --strategy fedavgm --server-lr EPS --server-momentum 0`` run by
+    the real server loop (Flower's FedAvgM under fedaqt's quantized strategy, in-process grid) equals batched
+    Reptile computed with plain torch: per round, every sampled client's ``inner_steps`` SGD steps from theta on its
+    minibatches, then ``theta + EPS * mean_p(theta~_p - theta)`` (2 rounds, --bits 32)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fakegrid import FakeGrid
+    from fedaqt.algorithms.meta import Reptile
+    from fedaqt.server.app import Server, sample_partitions
+
+    eps, lr = 0.3, 0.1
+    cfg = _cfg(glyph_dir, bits=32, algorithm="reptile", strategy="fedavgm", server_lr=eps, server_momentum=0.0,
+               lr=lr, num_clients=3, clients_per_round=2, rounds=2, eval_every=100, out=str(tmp_path),
+               options={"inner_steps": 3, "inner_batch": 5, "eval_episodes": 5, "n_way": 3})
+    server = Server(cfg, tmp_path)
+    server.run_rounds(FakeGrid(3))
+    got = {k: torch.from_numpy(np.asarray(a.numpy())) for k, a in server.arrays.items()}
+
+    wl = FewShotWorkload(cfg)
+    model = wl.build_model()
+    theta = {k: p.detach().clone() for k, p in model.named_parameters()}
+    for rnd in (1, 2):
+        deltas = []
+        for cid in sample_partitions(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round):
+            m = copy.deepcopy(model)
+            with torch.no_grad():
+                for k, p in m.named_parameters():
+                    p.copy_(theta[k])
+            opt = torch.optim.SGD(m.parameters(), lr=lr)
+            for x, y in Reptile(cfg).batches(wl, cid, rnd):
+                opt.zero_grad()
+                F.cross_entropy(m(x), y).backward()
+                opt.step()
+            deltas.append({k: p.detach() - theta[k] for k, p in m.named_parameters()})
+        theta = {k: theta[k] + eps * sum(d[k] for d in deltas) / len(deltas) for k in theta}
+    assert set(got) == set(theta)
+    for k in theta:
+        torch.testing.assert_close(got[k], theta[k], atol=1e-6, rtol=1e-5)
+    assert max(float((got[k] - model.state_dict()[k]).abs().max()) for k in theta) > 1e-3  # it moved
+
+
+def test_consensus_reptile_client_at_zero_coefficient_is_reptile_of_plain_torch(glyph_dir):
+    """Must-show 1 through the client round: ``consensus_reptile`` with ``beta_eff=0`` uploads
+    ``mean_p(theta~_p - theta)`` of plain torch SGD (lr, one step per minibatch, BatchNorm on batch statistics) on
+    each of its ``tasks_per_client`` tasks -- batched Reptile; with ``beta_eff > 0`` the upload differs."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fedaqt.algorithms.meta import ConsensusReptile
+    from fedaqt.client.trainer import client_round
+
+    ups = {}
+    for beta in (0.0, 0.5):
+        cfg = _cfg(glyph_dir, bits=32, algorithm="consensus_reptile", strategy="fedavg", lr=0.1,
+                   options={"inner_steps": 3, "inner_batch": 5, "tasks_per_client": 3, "beta_eff": beta})
+        wl = FewShotWorkload(cfg)
+        model, _, client = _client(wl, cfg)
+        res = client_round(wl, client, cfg, client_id=1, round_num=2)
+        ups[beta] = {k: res.upload.decode(k) for k, _ in model.named_parameters()}
+    deltas = []
+    for mbs in ConsensusReptile(cfg).batches(wl, 1, 2):
+        m = copy.deepcopy(model)
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for x, y in mbs:
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        deltas.append({k: p.detach() - dict(model.named_parameters())[k].detach() for k, p in m.named_parameters()})
+    for k, u in ups[0.0].items():
+        torch.testing.assert_close(u, sum(d[k] for d in deltas) / len(deltas), atol=1e-6, rtol=1e-5)
+    assert max(float((ups[0.5][k] - ups[0.0][k]).abs().max()) for k in ups[0.0]) > 1e-6
+
+
+def test_maml_client_uploads_the_second_order_meta_gradient_of_plain_autograd(glyph_dir):
+    """The ``maml`` client round (``torch.func``) uploads d L_Q(theta'_S) / d theta of plain ``torch.autograd``
+    double backward through ``inner_steps`` SGD steps on the support set (BatchNorm on batch statistics)."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from fedaqt.algorithms.meta import MAML
+    from fedaqt.client.trainer import client_round
+
+    cfg = _cfg(glyph_dir, bits=32, algorithm="maml", strategy="fedsgd", lr=0.1, options={"inner_steps": 2})
+    wl = FewShotWorkload(cfg)
+    model, _, client = _client(wl, cfg)
+    xs, ys, xq, yq = MAML(cfg).batches(wl, 0, 1)[0]
+    ref = copy.deepcopy(model).train()
+    theta = {k: p.detach().clone().requires_grad_(True) for k, p in ref.named_parameters()}
+    p = dict(theta)
+    for _ in range(2):
+        g = torch.autograd.grad(F.cross_entropy(functional_call(ref, p, (xs,)), ys), list(p.values()),
+                                create_graph=True)
+        p = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), g)}
+    want = dict(zip(theta, torch.autograd.grad(F.cross_entropy(functional_call(ref, p, (xq,)), yq),
+                                               list(theta.values()))))
+    res = client_round(wl, client, cfg, client_id=0, round_num=1)
+    for k, w in want.items():
+        torch.testing.assert_close(res.upload.decode(k), w, atol=1e-6, rtol=1e-4)
+
+
 def test_bad_configs_are_refused_in_preflight(glyph_dir):
     from fedaqt.launch.runner import preflight
 
@@ -210,6 +353,29 @@ def test_bad_configs_are_refused_in_preflight(glyph_dir):
     with pytest.raises(ConfigError, match="method"):
         preflight(_cfg(glyph_dir, options={"method": "matchingnet"}))
     preflight(_cfg(glyph_dir, bits=32, algorithm="maml"))  # second order is fine at 32 bits
+
+
+def test_profile_names_the_episode_and_the_parameter_count(tmp_path):
+    """``fedaqt profile --workload fewshot`` (one real client round in a fresh process): the header and title say
+    what a batch is (an episode: "episode 5-way 2-shot 3-query (25 images)", not "batch 2") and the parameter
+    count in digits (a Conv-4 of width 8 is ~1.9k parameters; "0.0M" said nothing)."""
+    from typer.testing import CliRunner
+
+    from fedaqt.cli import app
+
+    glyph_dir = str(_fake_glyphs(tmp_path / "glyphs", (160, 1, 6)))  # profile's 32 clients need 5 classes each
+    wl = FewShotWorkload(_cfg(glyph_dir, num_clients=32))
+    n = sum(p.numel() for p in wl.build_model().parameters())
+    res = CliRunner().invoke(app, ["profile", "--workload", "fewshot", "--bits", "8", "--uplink-bits", "32",
+                                   "--out", str(tmp_path / "prof"), "-o", f"data_dir={glyph_dir}", "-o", "width=8",
+                                   "-o", "k_shot=2", "-o", "q_query=3"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "episode 5-way 2-shot 3-query (25 images)" in text and "batch 2" not in text
+    assert f"({n:,} parameters)" in text and "0.0M" not in text
+    assert wl.batch_label() == "episode 5-way 2-shot 3-query (25 images)"
+    assert FewShotWorkload(_cfg(glyph_dir, batch_size=8, options={"method": "classical"})).batch_label() == \
+        "batch 8 (4 classes x 2)"
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from fedaqt.protocol import BroadcastSpec, ReplyExpectation
 from fedaqt.quant.wire import QTensor
 from fedaqt.server.app import Server
 from fakegrid import FakeGrid
+from toy import ToyNet, ToyWorkload
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"a.weight": (3, 4), "a.bias": (3,)}
@@ -356,3 +357,57 @@ def test_strategy_plugins_declare_upload_and_old_declarations_still_load():
     assert s.spec is spec and s.seed == 9 and (s.min_train_nodes, s.fraction_train) == (2, 0.5)
     with pytest.raises(TypeError, match="spec"):
         New(fraction_train=1.0)
+
+
+class _ScalarNet(torch.nn.Module):
+    """tests/toy.py's net times a learnable temperature of shape ``shape`` (``()`` = a 0-d parameter)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.net = ToyNet()
+        self.temp = torch.nn.Parameter(torch.full(shape, 1.5))
+
+    def forward(self, x):
+        return self.net(x) * self.temp
+
+
+class Scalar0dWorkload(ToyWorkload):
+    """:class:`_ScalarNet` with a 0-d temperature (registered by name in the test below)."""
+
+    shape: tuple = ()
+
+    def build_model(self):
+        torch.manual_seed(self.config.seed)
+        return _ScalarNet(self.shape).double()
+
+    def quantize_filter(self, name, module):
+        return name.startswith("net.enc")
+
+
+class Scalar1dWorkload(Scalar0dWorkload):
+    shape = (1,)
+
+
+@pytest.mark.parametrize("strategy,algorithm,bits,uplink", [("fedavgm", "fedavg", 8, 32), ("fedavgm", "fedavg", 32, 8),
+                                                            ("fedsgd", "fedsgd", 4, 32)])
+def test_a_0d_parameter_trains_like_a_1_element_one(tmp_path, monkeypatch, strategy, algorithm, bits, uplink):
+    """A model with a 0-d parameter runs the real round loop (broadcast, client round, normalized reply, strategy
+    step; it crashed with "output with shape [] doesn't match the broadcast shape [1]": the normalized reply turned
+    0-d arrays into shape (1,)) and ends bitwise where the same model with that parameter as shape (1,) ends."""
+    import fedaqt.plugins as plugins
+
+    finals = {}
+    for shape in ((), (1,)):
+        name = f"scalar{len(shape)}d"
+        monkeypatch.setitem(plugins._BUILTIN_WORKLOADS, name, f"test_protocol:Scalar{len(shape)}dWorkload")
+        out = tmp_path / name
+        cfg = RunConfig(workload=name, strategy=strategy, algorithm=algorithm, bits=bits, uplink_bits=uplink,
+                        local_steps=2, lr=0.1, server_lr=0.5, server_momentum=0.9, num_clients=6,
+                        clients_per_round=3, rounds=2, eval_every=1, seed=2, out=str(out))
+        server = Server(cfg, out)
+        server.run_rounds(FakeGrid(6))
+        finals[shape] = {k: np.asarray(a.numpy()) for k, a in server.arrays.items()}
+    assert finals[()]["temp"].shape == () and finals[(1,)]["temp"].shape == (1,)
+    assert finals[()]["temp"] != 1.5  # it trained
+    for k, v in finals[(1,)].items():
+        np.testing.assert_array_equal(finals[()][k].reshape(v.shape), v, err_msg=k)

@@ -256,6 +256,7 @@ def profile_command(
         probe = get_workload_class(workload)(base)
         probe.prepare()
         probe.build_model()  # dropped at once; a bad workload setting raises here, naming it
+        batch = probe.batch_label()  # "batch 2", or what the workload's batch is (few-shot: an episode)
         del probe
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         console.print(f"[bold red]error:[/] {exc}")
@@ -266,7 +267,7 @@ def profile_command(
         for b, u, a, c in itertools.product(bits_l, up_l, alg_l, ck_l)
     ]
     model_size = str(options.get("model_size", "")) or "-"
-    console.print(f"[bold]fedaqt profile[/] workload={workload} model_size={model_size} batch_size={batch_size}: "
+    console.print(f"[bold]fedaqt profile[/] workload={workload} model_size={model_size} {batch}: "
                   f"{len(combos)} client rounds, each in a fresh process")
 
     def progress(i: int, n: int, cfg: dict) -> None:
@@ -279,12 +280,17 @@ def profile_command(
         console.print(f"[bold red]error:[/] profiling failed: {exc}")
         raise typer.Exit(code=1)
     note = add_ratios(rows)
-    csv_path, png_path = write_outputs(rows, Path(out), title=f"{workload} ({model_size}), batch {batch_size}")
+    csv_path, png_path = write_outputs(rows, Path(out), title=f"{workload} ({model_size}), {batch}")
     n_params = rows[0].get("num_parameters", 0)
-    console.print(rich_table(rows, f"client memory per round: {workload} {model_size} ({n_params / 1e6:.1f}M "
-                                   f"parameters), batch {batch_size}"))
+    console.print(rich_table(rows, f"client memory per round: {workload} {model_size} ({count_label(n_params)} "
+                                   f"parameters), {batch}"))
     console.print(note)
     console.print(f"wrote {csv_path} and {png_path}")
+
+
+def count_label(n: int) -> str:
+    """A parameter count for humans: ``"29,317"`` below 100k, else ``"0.3M"`` / ``"21.4M"``."""
+    return f"{int(n):,}" if n < 100_000 else f"{n / 1e6:.1f}M"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -130,3 +130,8 @@ class Workload(ABC):
     def describe(self) -> dict[str, Any]:
         """Facts to store in ``summary.json`` (sizes of partitions, parameter counts, ...)."""
         return {}
+
+    def batch_label(self) -> str:
+        """What one training batch is, for reports (``fedaqt profile``): ``"batch N"`` (``--batch-size``) unless
+        the workload's batches are something else (e.g. few-shot episodes)."""
+        return f"batch {self.config.batch_size}"

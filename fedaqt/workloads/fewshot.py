@@ -33,9 +33,10 @@ of the backbone features of ``metric_classes`` evaluation classes x ``metric_per
 evaluation pool are computed once per evaluation (BatchNorm in eval mode, running statistics) and the episodes
 are drawn over them, so ProtoNet / R2-D2 / classical evaluations cost one pass over the pool. SVM episodes each
 solve a qpth QP. ``maml`` evaluates by ``-o eval_adapt=head`` (default: the classifier, from its meta-learned
-initialization, takes ``adapt_steps`` (50) SGD steps of lr ``adapt_lr`` (0.5) on the support features, all episodes batched) or
-``eval_adapt=full`` (the whole network adapts per episode, BatchNorm on batch statistics: MAML's protocol,
-much slower).
+initialization, takes ``adapt_steps`` (100) full-batch gradient steps on the support features centred on their
+mean, step ``1 / L`` per episode unless ``adapt_lr > 0``: :func:`~fedaqt.models.fewshot.adapt_classifier`, all
+episodes batched) or ``eval_adapt=full`` (the whole network adapts per episode with SGD of lr ``adapt_lr`` or
+``--lr``, BatchNorm on batch statistics: MAML's protocol, much slower).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from torch import nn
 
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.data.fewshot import ClassPool, load_pool, sample_class_batch, sample_episode
-from fedaqt.models.fewshot import EpisodeHead, FewShotNet, build_backbone, prototypes, r_fc, r_hv_batch
+from fedaqt.models.fewshot import (EpisodeHead, FewShotNet, adapt_classifier, build_backbone, prototypes, r_fc,
+                                   r_hv_batch)
 from fedaqt.options import BaseOptions
 from fedaqt.workloads.base import Workload
 
@@ -89,9 +91,10 @@ class FewShotOptions(BaseOptions):
     svm_iters: int = Field(15, ge=1, le=100, description="qpth interior-point iterations")
     eval_adapt: Literal["head", "full"] = Field("head", description="maml evaluation: adapt the classifier on "
                                                                    "frozen features (head) or the whole network")
-    adapt_steps: int = Field(50, ge=0, le=500, description="maml evaluation: SGD steps on the support set")
-    adapt_lr: float = Field(0.5, gt=0, allow_inf_nan=False, description="maml evaluation: SGD learning rate of "
-                                                                         "the adaptation")
+    adapt_steps: int = Field(100, ge=0, le=1000, description="maml evaluation: gradient steps on the support set")
+    adapt_lr: float = Field(0.0, ge=0, allow_inf_nan=False, description="maml evaluation: step size; 0 = auto "
+                            "(head: 1/L per episode, L the support loss's Lipschitz constant; full: --lr, the "
+                            "inner lr of meta-training)")
     metric_classes: int = Field(50, ge=2, description="r_fc/r_hv: evaluation classes used")
     metric_per_class: int = Field(5, ge=2, description="r_fc/r_hv: images per class")
     eval_max_per_class: int = Field(200, ge=1, description="images per evaluation class kept (fmnist has 7000)")
@@ -372,26 +375,20 @@ class FewShotWorkload(Workload):
                                yq: torch.Tensor) -> np.ndarray:
         s_idx = torch.from_numpy(np.stack([s for s, _ in eps]))
         q_idx = torch.from_numpy(np.stack([q for _, q in eps]))
-        fs, fq = feats[s_idx], feats[q_idx]  # [E, n_s, D], [E, n_q, D]
-        e = fs.shape[0]
-        w = model.classifier.weight.detach().unsqueeze(0).repeat(e, 1, 1).requires_grad_(True)
-        b = model.classifier.bias.detach().unsqueeze(0).repeat(e, 1).requires_grad_(True)
-        lr = float(self.options.adapt_lr)
-        ys_e = ys.unsqueeze(0).expand(e, -1).reshape(-1)
-        with torch.enable_grad():
-            for _ in range(self.options.adapt_steps):
-                logits = torch.baddbmm(b.unsqueeze(1), fs, w.transpose(1, 2))
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys_e, reduction="sum") / len(ys)
-                gw, gb = torch.autograd.grad(loss, (w, b))
-                w = (w - lr * gw).detach().requires_grad_(True)
-                b = (b - lr * gb).detach().requires_grad_(True)
+        o = self.options
+        accs = []
         with torch.no_grad():
-            logits = torch.baddbmm(b.unsqueeze(1), fq, w.transpose(1, 2))
-            return (logits.argmax(-1) == yq.unsqueeze(0)).double().mean(1).numpy()
+            for i in range(0, len(eps), _EVAL_CHUNK):
+                fs, fq = feats[s_idx[i:i + _EVAL_CHUNK]], feats[q_idx[i:i + _EVAL_CHUNK]]  # [E, n_s, D], [E, n_q, D]
+                w, b, mu = adapt_classifier(model.classifier.weight, model.classifier.bias, fs, ys, o.n_way,
+                                            o.adapt_steps, o.adapt_lr)
+                logits = torch.baddbmm(b.unsqueeze(1), fq - mu, w.transpose(1, 2))
+                accs.append((logits.argmax(-1) == yq.unsqueeze(0)).double().mean(1))
+        return torch.cat(accs).numpy()
 
     def _full_adapt_accuracies(self, model: nn.Module, eps: list, ys: torch.Tensor, yq: torch.Tensor) -> np.ndarray:
         pool = self.pool("evaluation")
-        lr = float(self.options.adapt_lr)
+        lr = float(self.options.adapt_lr or self.config.lr)
         accs = []
         for s, q in eps:
             m = copy.deepcopy(model)
@@ -430,6 +427,14 @@ class FewShotWorkload(Workload):
             out[f"eval_ci95_{shots}shot"] = ci95(acc)
         out.update(self.feature_metrics(feats))
         return out
+
+    def batch_label(self) -> str:
+        """``"episode 5-way 5-shot 10-query (75 images)"`` for the episode methods and the MAML family (whose
+        algorithms cut the episode themselves), ``"batch N (N/2 classes x 2)"`` for ``classical``."""
+        o = self.options
+        if self.method == "classical":
+            return f"batch {self.config.batch_size} ({self.config.batch_size // 2} classes x 2)"
+        return f"episode {o.n_way}-way {o.k_shot}-shot {o.q_query}-query ({self.task_examples()} images)"
 
     def describe(self) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
