@@ -82,13 +82,15 @@ class CoreOptions(BaseOptions):
                                                             "the sampled clients, else an integer count >= 3")
     secagg_threshold: float = Field(1.0, gt=0, description="SecAgg+: shares needed to reconstruct a key; <= 1 a "
                                                            "fraction of num_shares, else an integer count >= 2")
-    secagg_clipping_range: float = Field(8.0, gt=0, description="SecAgg+ at --uplink-bits 32: every update element "
-                                                                "is clipped to [-R, R] before Flower's quantizer")
+    # upper bounds: beyond them the quantizer's step (2R / levels, or the shared scale) exceeds any update element,
+    # every code rounds to 0 and the round silently aggregates nothing (found by a fault-injection run: 1e30)
+    secagg_clipping_range: float = Field(8.0, gt=0, le=1e3, description="SecAgg+ at --uplink-bits 32: every update "
+                                                                        "element is clipped to [-R, R] before Flower's quantizer")
     secagg_quantization_range: int = Field(2**22, ge=2, description="SecAgg+ at --uplink-bits 32: integer levels "
                                                                      "of Flower's quantizer over [-R, R]")
-    secagg_headroom: float = Field(4.0, gt=0, description="SecAgg+ at --uplink-bits 8: shared scale of a tensor = "
+    secagg_headroom: float = Field(4.0, gt=0, le=1e3, description="SecAgg+ at --uplink-bits 8: shared scale of a tensor = "
                                                           "headroom x max|previous round's mean| / 127")
-    secagg_scale_init: float = Field(0.05, gt=0, description="SecAgg+ at --uplink-bits 8: element range of every "
+    secagg_scale_init: float = Field(0.05, gt=0, le=1e3, description="SecAgg+ at --uplink-bits 8: element range of every "
                                                              "tensor in round 1 (shared scale = value / 127)")
 
     @field_validator("secagg_num_shares")

@@ -278,7 +278,9 @@ def test_secagg_options_are_typed():
     from fedaqt.plugins import check_options
 
     for bad, key in [({"secagg_num_shares": 2.5}, "secagg_num_shares"), ({"secagg_threshold": 1.5}, "secagg_threshold"),
-                     ({"secagg_clipping_range": 0}, "secagg_clipping_range"), ({"secagg": "maybe"}, "secagg")]:
+                     ({"secagg_clipping_range": 0}, "secagg_clipping_range"), ({"secagg": "maybe"}, "secagg"),
+                     ({"secagg_clipping_range": 1e30}, "secagg_clipping_range"),
+                     ({"secagg_scale_init": 1e30}, "secagg_scale_init"), ({"secagg_headroom": 1e4}, "secagg_headroom")]:
         with pytest.raises(ConfigError, match=key):
             check_options(RunConfig(workload="toy", options={"secagg": True, **bad}))
 
