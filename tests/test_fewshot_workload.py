@@ -421,3 +421,12 @@ def test_torch_func_algorithms_run_on_batchnorm_backbones(glyph_dir, algorithm):
     up = res.upload.decode("backbone.features.0.weight")
     assert torch.isfinite(up).all() and up.abs().sum() > 0
     assert torch.equal(client.backbone.features[1].running_mean, stats0)
+
+
+def test_adapt_lr_has_an_upper_bound():
+    """adapt_lr=1e6 made every logit NaN and reported chance accuracy without a word (fault-injection run)."""
+    from fedaqt.plugins import check_options
+
+    with pytest.raises(ConfigError, match="adapt_lr"):
+        check_options(RunConfig(workload="fewshot", algorithm="fomaml", options={"adapt_lr": 1e6}))
+    check_options(RunConfig(workload="fewshot", algorithm="fomaml", options={"adapt_lr": 0.5}))

@@ -92,7 +92,7 @@ class FewShotOptions(BaseOptions):
     eval_adapt: Literal["head", "full"] = Field("head", description="maml evaluation: adapt the classifier on "
                                                                    "frozen features (head) or the whole network")
     adapt_steps: int = Field(100, ge=0, le=1000, description="maml evaluation: gradient steps on the support set")
-    adapt_lr: float = Field(0.0, ge=0, allow_inf_nan=False, description="maml evaluation: step size; 0 = auto "
+    adapt_lr: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description="maml evaluation: step size; 0 = auto "
                             "(head: 1/L per episode, L the support loss's Lipschitz constant; full: --lr, the "
                             "inner lr of meta-training)")
     metric_classes: int = Field(50, ge=2, description="r_fc/r_hv: evaluation classes used")
