@@ -222,21 +222,13 @@ def _stop(procs: list) -> None:
         p.wait(timeout=10)
 
 
-@pytest.mark.slow
-def test_flwr_run_on_superlink_equals_simulation(tmp_path):
-    speech = ROOT / "data" / "speech"
-    if not (speech / "corpus.json").exists():
-        pytest.skip("the speech corpus (data/speech) is not built")
-    tiny = dict(num_clients=2, clients_per_round=2, rounds=2, batch_size=2, bits=4, eval_every=1, uplink_bits=8)
-    opts = {"eval_max": 4, "data_dir": str(speech), "real_eval": False}
-
-    # reference: the Simulation Engine (fedaqt run's path)
-    from fedaqt.launch.runner import run_experiment
-
-    sim_out = tmp_path / "sim"
-    run_experiment(RunConfig(**tiny, out=str(sim_out), options=opts))
-
-    home, dep_out = tmp_path / "flwr-home", tmp_path / "dep"
+def flwr_run_on_superlink(tmp_path: Path, run_config: dict, options: dict, out: Path, supernodes: int = 2) -> None:
+    """``flwr run`` of this app on a local insecure SuperLink with ``supernodes`` SuperNodes (node config
+    ``partition-id=i num-partitions=N``), all started as subprocesses in their own process groups under
+    ``tmp_path`` (logs in ``tmp_path/<name>/log.txt``) and stopped by group id at the end, run or not.
+    ``run_config`` / ``options`` become ``--run-config`` keys / the ``options`` string; the run writes ``out``.
+    Asserts that ``flwr run`` exits 0, that ``out/summary.json`` appears, and that every process has ended."""
+    home = tmp_path / "flwr-home"
     home.mkdir()
     port = _free_port()
     (home / "config.toml").write_text(
@@ -258,23 +250,41 @@ def test_flwr_run_on_superlink_equals_simulation(tmp_path):
         start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
                             "--disable-runtime-dependency-installation"])
         _wait_http(port, procs)
-        for i in range(2):
+        for i in range(supernodes):
             start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                                     "--port", str(_free_port()), "--node-config",
-                                    f"partition-id={i} num-partitions=2"])
-        overrides = " ".join(f"{k}={v}" for k, v in tiny.items())
-        options = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in opts.items())
+                                    f"partition-id={i} num-partitions={supernodes}"])
+        overrides = " ".join(f"{k}={v}" for k, v in run_config.items())
+        opts = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())
         cmd = [str(BIN / "flwr"), "run", str(ROOT), "test", "--stream",
-               "--run-config", f"{overrides} out='{dep_out}' options='{options}'"]
+               "--run-config", f"{overrides} out='{out}' options='{opts}'"]
         res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         t_end = time.monotonic() + 60  # --stream returns when the run ends; summary.json is its last write
-        while not (dep_out / "summary.json").exists() and time.monotonic() < t_end:
+        while not (out / "summary.json").exists() and time.monotonic() < t_end:
             time.sleep(0.5)
-        assert (dep_out / "summary.json").exists(), res.stdout[-3000:]
+        assert (out / "summary.json").exists(), res.stdout[-3000:]
     finally:
         _stop(procs)
     assert all(p.poll() is not None for p, _ in procs)
+
+
+@pytest.mark.slow
+def test_flwr_run_on_superlink_equals_simulation(tmp_path):
+    speech = ROOT / "data" / "speech"
+    if not (speech / "corpus.json").exists():
+        pytest.skip("the speech corpus (data/speech) is not built")
+    tiny = dict(num_clients=2, clients_per_round=2, rounds=2, batch_size=2, bits=4, eval_every=1, uplink_bits=8)
+    opts = {"eval_max": 4, "data_dir": str(speech), "real_eval": False}
+
+    # reference: the Simulation Engine (fedaqt run's path)
+    from fedaqt.launch.runner import run_experiment
+
+    sim_out = tmp_path / "sim"
+    run_experiment(RunConfig(**tiny, out=str(sim_out), options=opts))
+
+    dep_out = tmp_path / "dep"
+    flwr_run_on_superlink(tmp_path, tiny, opts, dep_out)
 
     sim, dep = pd.read_csv(sim_out / "rounds.csv"), pd.read_csv(dep_out / "rounds.csv")
     cols = [c for c in ROUND_COLUMNS if c in sim]

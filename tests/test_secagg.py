@@ -352,56 +352,16 @@ def test_secagg_on_the_deployment_engine_equals_the_simulation(tmp_path, speech_
     their process-group ids): each SecAgg+ stage runs in a fresh ``flwr-clientapp`` process, the mod's state lives in
     the SuperNode's context between them. The masked integer sum is exact and the rounding seeded, so rounds.csv
     equals the Simulation Engine run of the same configuration on every deterministic column."""
-    import os
-    import subprocess
-    import time
-
     from fedaqt.launch.runner import run_experiment
-    from test_deployment import BIN, ROOT, _free_port, _stop, _wait_http
+    from test_deployment import flwr_run_on_superlink
 
     tiny = dict(num_clients=2, clients_per_round=2, rounds=1, batch_size=2, bits=8, eval_every=1, uplink_bits=8)
     opts = {"eval_max": 4, "data_dir": str(speech_dir), "real_eval": False, "secagg": True}
     sim_out = tmp_path / "sim"
     run_experiment(RunConfig(**tiny, out=str(sim_out), options=opts))
 
-    home, dep_out = tmp_path / "flwr-home", tmp_path / "dep"
-    home.mkdir()
-    port = _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT)}
-    procs: list = []
-
-    def start(name: str, args: list[str]) -> None:
-        d = tmp_path / name
-        d.mkdir()
-        with (d / "log.txt").open("w") as f:
-            p = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=d, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        procs.append((p, d / "log.txt"))
-
-    try:
-        start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                            "--disable-runtime-dependency-installation"])
-        _wait_http(port, procs)
-        for i in range(2):
-            start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                    "--port", str(_free_port()), "--node-config",
-                                    f"partition-id={i} num-partitions=2"])
-        overrides = " ".join(f"{k}={v}" for k, v in tiny.items())
-        options = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in opts.items())
-        cmd = [str(BIN / "flwr"), "run", str(ROOT), "test", "--stream",
-               "--run-config", f"{overrides} out='{dep_out}' options='{options}'"]
-        res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        t_end = time.monotonic() + 60
-        while not (dep_out / "summary.json").exists() and time.monotonic() < t_end:
-            time.sleep(0.5)
-        assert (dep_out / "summary.json").exists(), res.stdout[-3000:]
-    finally:
-        _stop(procs)
-    assert all(p.poll() is not None for p, _ in procs)
+    dep_out = tmp_path / "dep"
+    flwr_run_on_superlink(tmp_path, tiny, opts, dep_out)
     sim, dep = pd.read_csv(sim_out / "rounds.csv"), pd.read_csv(dep_out / "rounds.csv")
     cols = ["round", "train_loss", "eval_loss", "eval_wer", "eval_cer", "bytes_up", "clients_ok",
             "secagg_masked_bytes"]
