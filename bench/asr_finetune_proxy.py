@@ -16,6 +16,8 @@ p.add_argument("--cpr", type=int, default=8); p.add_argument("--bs", type=int, d
 p.add_argument("--local", type=int, default=1); p.add_argument("--client-lr", type=float, default=0.0)
 p.add_argument("--eval-every", type=int, default=25); p.add_argument("--threads", type=int, default=1)
 p.add_argument("--clients", type=int, default=32); p.add_argument("--cosine", action="store_true")
+p.add_argument("--specaug", type=int, default=0, help="SpecAugment: this many freq (F=15) and time (T=20) masks per utterance on client batches")
+p.add_argument("--save", default="", help="write the final float state_dict here (torch.save)")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 from fedaqt.config import RunConfig
@@ -35,6 +37,14 @@ for r in range(1, a.rounds + 1):
     acc = [torch.zeros_like(q) for q in params]; losses = []
     for c in clients:
         batches = wl.client_batches(int(c), r, a.local, a.bs)
+        if a.specaug:
+            import torchaudio
+            fm, tm = torchaudio.transforms.FrequencyMasking(15, iid_masks=True), torchaudio.transforms.TimeMasking(20, iid_masks=True)
+            for b in batches:
+                x = b["feats"].transpose(1, 2)  # [B, F, T]
+                for _ in range(a.specaug):
+                    x = tm(fm(x))
+                b["feats"] = x.transpose(1, 2).contiguous()
         if a.local == 1 and a.client_lr == 0:
             loss, _ = wl.loss(m, batches[0]); g = torch.autograd.grad(loss, params)
             for s, gi in zip(acc, g): s += gi / a.cpr
@@ -53,3 +63,4 @@ for r in range(1, a.rounds + 1):
     opt.step(); sched.step(); opt.zero_grad()
     if r % 10 == 0: print(f"  r{r} train_loss={np.mean(losses):.3f} t={time.time()-t0:.0f}s", flush=True)
     if r % a.eval_every == 0 or r == a.rounds: ev(r)
+if a.save: torch.save(m.state_dict(), a.save)

@@ -72,10 +72,10 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Flower/Ray logs"),
 ) -> None:
     """Run a federated simulation and write the run directory."""
-    from fedaqt.config import ConfigError, resolve_config, resolve_resume_config
+    from fedaqt.config import ConfigError, explicit_keys, resolve_config, resolve_resume_config
     from fedaqt.launch.runner import run_experiment
 
-    cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "resume", "verbose", "resolve_config", "resolve_resume_config", "run_experiment", "ConfigError", "from_scratch")}
+    cli = {k: v for k, v in locals().items() if k not in ("preset", "config", "option", "resume", "verbose", "resolve_config", "resolve_resume_config", "run_experiment", "ConfigError", "from_scratch", "explicit_keys")}
     # --data-dir, --model-size, ... are shortcuts for workload options (-o wins when both are given)
     shortcuts = {k: cli.pop(k) for k in OPTION_SHORTCUTS + CORE_SHORTCUTS if cli.get(k) is not None}
     for k in OPTION_SHORTCUTS + CORE_SHORTCUTS:
@@ -99,7 +99,7 @@ def run(
             if opts:
                 cfg = cfg.override({"options": {**cfg.options, **opts}}, source="--option")
         if not resume and not from_scratch:
-            cfg = _with_pretrained(cfg)
+            cfg = _with_pretrained(cfg, explicit_keys(preset, config, {**cli, "options": opts}))
     except ConfigError as exc:
         _fail(str(exc))
     from fedaqt.launch.runner import preflight
@@ -137,11 +137,13 @@ def run(
         raise typer.Exit(code=1)
 
 
-def _with_pretrained(cfg):
+def _with_pretrained(cfg, explicit: tuple[set[str], set[str]] = (set(), set())):
     """asr without options.init_checkpoint: start from the `fedaqt pretrain` checkpoint when one matches the corpus.
 
     Its clients then use the training speakers the pretraining did not see (speaker_offset = its speakers);
-    num_clients / clients_per_round shrink to the speakers left, with a message. Otherwise cfg is unchanged.
+    num_clients / clients_per_round shrink to the speakers left, with a message; the fine-tuning recipe
+    (fedaqt.workloads.asr_pretrain.finetune_defaults) fills the keys not in ``explicit`` (run keys, option keys set
+    by the preset, file or command line). Otherwise cfg is unchanged.
     """
     if cfg.workload != "asr" or cfg.options.get("init_checkpoint"):
         return cfg
@@ -174,13 +176,20 @@ def _with_pretrained(cfg):
 
     n_spk = len(ASRWorkload(cfg).speakers) - recipe.speakers
     meta["checkpoint"] = str(Path(DEFAULT_DIR) / CHECKPOINT_NAME)  # where it is now (the JSON says where it was written)
-    values: dict = {"options": {**cfg.options, "init_checkpoint": meta["checkpoint"], "speaker_offset": recipe.speakers}}
+    from fedaqt.workloads.asr_pretrain import finetune_defaults
+
+    recipe_values = finetune_defaults(*explicit)
+    values: dict = {**recipe_values, "options": {**cfg.options, **recipe_values["options"],
+                                                 "init_checkpoint": meta["checkpoint"], "speaker_offset": recipe.speakers}}
     if cfg.num_clients > n_spk:
         values["num_clients"] = n_spk
         values["clients_per_round"] = min(cfg.clients_per_round, n_spk)
     ev = meta.get("eval", {})
     console.print(f"starting from the pretrained checkpoint {meta['checkpoint']} (held-out WER {ev.get('eval_wer', float('nan')):.3f}); "
                   f"clients: training speakers {recipe.speakers}.. ({min(cfg.num_clients, n_spk)} clients); --from-scratch for random weights")
+    shown = {k: v for k, v in recipe_values.items() if k != "options"} | recipe_values["options"]
+    if shown:
+        console.print("fine-tuning recipe (keys you did not set): " + " ".join(f"{k}={v}" for k, v in shown.items()))
     return cfg.override(values, source="pretrained checkpoint")
 
 
@@ -253,7 +262,7 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
 
 
 class _PretrainDefaults:  # the recipe's defaults without importing torch at CLI start-up
-    speakers, steps, batch_size, lr = 48, 500, 16, 3e-3
+    speakers, steps, batch_size, lr = 48, 1500, 16, 3e-3
 
 
 _PRETRAIN = _PretrainDefaults
@@ -298,7 +307,8 @@ def data_speech(
     out: str = typer.Option("data/speech", help="output directory (LibriSpeech layout)"),
     num_train_speakers: int = typer.Option(32, help="federated client speakers (one per client)"),
     num_eval_speakers: int = typer.Option(8, help="held-out evaluation speakers"),
-    utterances_per_speaker: int = typer.Option(24, help="utterances per client speaker"),
+    utterances_per_speaker: int = typer.Option(64, help="utterances per client speaker (issue 11: 64 gives each "
+                                                "federated client enough caller speech for 200 FedSGD rounds)"),
     seed: int = typer.Option(0, help="seed for voices, lines and variation"),
     domain: str = typer.Option("phone", help="text domain: phone (phone-menu sentences like the real Asterisk "
                                "prompts) or shakespeare (play roles)"),
@@ -306,8 +316,9 @@ def data_speech(
                                               "(first in train/; `fedaqt pretrain --speakers` uses them)"),
     pretrain_utterances: int = typer.Option(80, help="phone domain: utterances per pretraining speaker"),
     eval_utterances: int = typer.Option(8, help="utterances per held-out evaluation speaker"),
-    text_shift: bool = typer.Option(False, help="phone domain: pretraining speakers read system prompts, clients and "
-                                    "held-out speakers callers' digits/spelling/times (default: one mix for all)"),
+    text_shift: bool = typer.Option(True, help="phone domain: pretraining speakers read system prompts, clients and "
+                                    "held-out speakers callers' digits/spelling/times (the default: a text domain "
+                                    "federated rounds must teach); --no-text-shift gives every group one mix"),
 ) -> None:
     """Build the default speech corpus (phone-menu sentences, or Shakespeare roles) read by flite / espeak-ng."""
     from fedaqt.data.corpus import build_speech_corpus

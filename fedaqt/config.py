@@ -361,6 +361,33 @@ def resolve_config(preset: str | None, config_file: str | None, cli: dict[str, A
     return cfg.override(given, source="command-line options")
 
 
+def explicit_keys(preset: str | None, config_file: str | None, cli: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """The run keys and the option keys that the preset, the config file or the command line set.
+
+    ``cli`` is the same mapping :func:`resolve_config` takes (None = flag not given; its ``options`` the ``-o``
+    table). Legacy top-level keys count as the options they became (:func:`migrate_legacy`). Used to apply
+    defaults that depend on the resolved run (e.g. the fine-tuning recipe of a run that starts from a pretrained
+    checkpoint) only where nobody chose a value.
+
+    Raises:
+        ConfigError: unknown preset, missing/unparsable file (as :func:`resolve_config`).
+    """
+    run_keys: set[str] = set()
+    option_keys: set[str] = set()
+    layers = [load_config_file(preset_path(preset))] if preset else []
+    if config_file:
+        layers.append(load_config_file(config_file))
+    layers.append({k: v for k, v in cli.items() if v is not None})
+    for values in layers:
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        option_keys |= {k for k in values if k in LEGACY_OPTION_KEYS}
+        options = values.get("options")
+        if isinstance(options, dict):
+            option_keys |= {str(k).replace("-", "_") for k in options}
+        run_keys |= {k for k in values if k not in LEGACY_OPTION_KEYS and k != "options"}
+    return run_keys, option_keys
+
+
 def resolve_resume_config(run_dir: str | Path, cli: dict[str, Any]) -> RunConfig:
     """The configuration of the run in ``run_dir`` (its ``config.json``) for ``fedaqt run --resume RUN_DIR``.
 

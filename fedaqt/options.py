@@ -66,6 +66,9 @@ class CoreOptions(BaseOptions):
         3, ge=1, description="rounds whose aggregated model may be non-finite (skipped) before the run stops"
     )
     profile_memory: bool = Field(False, description="clients measure their memory every round (clients.csv)")
+    server_lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="server learning rate per round: constant, or cosine decay from --server-lr in "
+                                "round 1 to 0 after the last round (eta_r = eta 0.5 (1 + cos(pi (r-1) / rounds)))")
     device_trace: str = Field("", description="device trace CSV (compute_speed, bandwidth_mbps, on_probability): "
                                               "simulated clock and availability, fedaqt.server.clock")
     deadline_s: float = Field(0.0, ge=0, description="simulated round deadline in seconds (0 = none): slower "

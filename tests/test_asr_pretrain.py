@@ -73,3 +73,27 @@ def test_checkpoint_loads_into_federated_run_and_lowers_its_loss(tmp_path, speec
     run_experiment(cfg)
     rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
     assert rounds["eval_loss"].iloc[-1] < before
+
+
+def test_run_from_the_checkpoint_gets_the_finetuning_recipe_where_nothing_was_chosen(tmp_path, speech_dir, monkeypatch):
+    """`fedaqt run` from the pretrained checkpoint: server Adam (tau 1e-8, beta_2 0.999) at 1e-3 with a cosine
+    decay, 200 rounds, no dropout -- each only where the preset, file and command line left the key unset."""
+    from fedaqt import cli
+    from fedaqt.config import explicit_keys, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    pretrain(_recipe(speech_dir), "runs/pretrained", evaluate=False)
+    base = {"options": {"data_dir": str(speech_dir)}}
+    cfg = cli._with_pretrained(resolve_config(None, None, base), explicit_keys(None, None, base))
+    assert (cfg.strategy, cfg.server_lr, cfg.rounds) == ("fedadam", 1e-3, 200)
+    o = cfg.options
+    assert (o["tau"], o["beta_2"], o["server_lr_schedule"], o["dropout"], o["speaker_offset"]) == (1e-8, 0.999, "cosine", 0.0, 2)
+    assert o["init_checkpoint"] == "runs/pretrained/pretrained.pt"
+    # a chosen strategy keeps its own learning rate and options; chosen rounds and dropout stay as chosen
+    toml = tmp_path / "my.toml"
+    toml.write_text('strategy = "fedsgd"\nrounds = 7\n[options]\ndropout = 0.2\n')
+    cli_values = {"num_clients": 3, "rounds": None, "options": {"data_dir": str(speech_dir)}}
+    cfg = cli._with_pretrained(resolve_config(None, str(toml), cli_values), explicit_keys(None, str(toml), cli_values))
+    assert (cfg.strategy, cfg.server_lr, cfg.rounds, cfg.options["dropout"]) == ("fedsgd", 0.05, 7, 0.2)
+    assert not {"tau", "beta_2", "server_lr_schedule"} & set(cfg.options)
+    assert cfg.options["init_checkpoint"] == "runs/pretrained/pretrained.pt"

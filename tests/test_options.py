@@ -73,7 +73,8 @@ TOY = ["--workload", "toy", "--strategy", "fedavgm", "--algorithm", "fedavg", "-
 def test_unknown_option_fails_before_ray_naming_key_hint_and_every_allowed_key(tmp_path, no_ray, toy_registered):
     from fedaqt.cli import app
 
-    res = runner.invoke(app, ["run", "--out", str(tmp_path / "r"), "-o", "eval_maxx=3"])  # asr workload
+    # asr workload; --from-scratch: the core defaults (fedsgd) whether or not runs/pretrained exists
+    res = runner.invoke(app, ["run", "--from-scratch", "--out", str(tmp_path / "r"), "-o", "eval_maxx=3"])
     out = _flat(res.output)
     assert res.exit_code == 2, res.output
     assert "unknown option 'eval_maxx'" in out and "did you mean eval_max?" in out

@@ -91,11 +91,15 @@ def test_every_builtin_strategy_is_covered():
     assert set(CASES) == set(BUILTIN_STRATEGIES)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_builtin_strategy_matches_flower_at_32_bits(name):
+@pytest.mark.parametrize("name,schedule", [(n, "constant") for n in sorted(CASES)]
+                         + [("fedadam", "cosine"), ("fedsgd", "cosine")])
+def test_builtin_strategy_matches_flower_at_32_bits(name, schedule):
     overrides, flower_factory, kind = CASES[name]
-    cfg = RunConfig(strategy=name, bits=32, num_clients=3, clients_per_round=3, seed=4, **overrides)
+    overrides = {**overrides, "options": {**overrides.get("options", {}), "server_lr_schedule": schedule}}
+    cfg = RunConfig(strategy=name, bits=32, num_clients=3, clients_per_round=3, seed=4, rounds=3, **overrides)
     ours, theirs = _ours(name, cfg, kind), flower_factory(cfg)
+    lr_attr = "eta" if name == "fedadam" else "server_learning_rate"
+    base_lr = getattr(theirs, lr_attr, None)
     rng = np.random.default_rng(0)
     w0 = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
     w_ours = ArrayRecord({k: Array(v.copy()) for k, v in w0.items()})
@@ -134,8 +138,12 @@ def test_builtin_strategy_matches_flower_at_32_bits(name):
         rows = [row for row, _, _ in checked]
         assert [r.status for r in rows] == ["ok"] * 3, [r.error for r in rows]
         normalized = [protocol.normalized_reply(u, list(SHAPES), n, row.node_id) for row, u, n in checked]
+        if schedule == "cosine":  # the cosine decay written out: 1, 0.75, 0.25 of the base rate over 3 rounds
+            setattr(theirs, lr_attr, base_lr * {1: 1.0, 2: 0.75, 3: 0.25}[rnd])
         new_o, metrics_o = ours.aggregate_train(rnd, normalized)
         new_f, _ = theirs.aggregate_train(rnd, replies_f)
+        if schedule == "cosine":
+            assert metrics_o["server_lr"] == pytest.approx(getattr(theirs, lr_attr))
         assert new_o is not None and new_f is not None
         assert metrics_o["num-examples"] == sum(NUM_EXAMPLES.values())
         a_o, a_f = _numpy(new_o), _numpy(new_f)
@@ -153,3 +161,10 @@ def test_fedavg_ignores_server_lr_fedavgm_uses_it():
     assert type(BUILTIN_STRATEGIES["fedavg"].factory(cfg, _spec("delta"))).__mro__[2] is FedAvg
     m = BUILTIN_STRATEGIES["fedavgm"].factory(cfg, _spec("delta"))
     assert (m.server_learning_rate, m.server_momentum) == (0.05, 0.9)
+
+
+def test_cosine_schedule_refuses_a_strategy_without_a_server_learning_rate():
+    cfg = RunConfig(strategy="fedavg", algorithm="fedavg", num_clients=3, clients_per_round=3,
+                    options={"server_lr_schedule": "cosine"})
+    with pytest.raises(ValueError, match="server_lr_schedule='cosine'.*no server learning rate"):
+        BUILTIN_STRATEGIES["fedavg"].factory(cfg, _spec("delta"))

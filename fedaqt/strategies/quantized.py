@@ -26,6 +26,7 @@ delta, outside the optimizer, and keeps them in its checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Any, Iterable
 
@@ -47,13 +48,29 @@ from fedaqt.quant.wire import QTensor, decode_broadcast, encode_broadcast
 log = logging.getLogger("fedaqt.strategy")
 
 
+def cosine_factor(server_round: int, total_rounds: int) -> float:
+    """Cosine decay of the server learning rate: ``0.5 (1 + cos(pi (r - 1) / R))`` for round ``r`` (1-based) of
+    ``R`` rounds: 1 in round 1, 0.5 halfway, ``> 0`` in the last round (Loshchilov & Hutter 2017, no restarts).
+    Rounds past ``R`` (a longer resumed run) stay at the last round's factor."""
+    r = min(max(server_round, 1), total_rounds)
+    return 0.5 * (1.0 + math.cos(math.pi * (r - 1) / total_rounds))
+
+
 class QuantizedMixin:
     """Turns a Flower Message-API strategy into a quantized-broadcast one (see module docstring).
 
     Args:
         spec: what is broadcast and what the updates are (:class:`fedaqt.protocol.BroadcastSpec`).
         seed: the run's seed; Flower's node sampling of round ``r`` uses ``random.seed(seed * 1_000_003 + r)``.
+        lr_schedule: ``"constant"`` or ``"cosine"``: round ``r`` of ``total_rounds`` steps with the Flower
+            strategy's server learning rate (FedAvgM ``server_learning_rate``, FedOpt ``eta``) times
+            ``0.5 (1 + cos(pi (r - 1) / total_rounds))`` (:func:`cosine_factor`; core option ``server_lr_schedule``).
+        total_rounds: the run's number of rounds (needed by ``"cosine"``).
         *args, **kwargs: passed on to the Flower strategy (``super().__init__``).
+
+    Raises:
+        ValueError: an unknown ``lr_schedule``, ``"cosine"`` with ``total_rounds < 1`` or on a Flower strategy
+            without a server learning rate (FedAvg, FedProx).
 
     A subclass with its own cross-round state extends :meth:`state_dict` / :meth:`load_state_dict` through
     ``super()``.
@@ -64,7 +81,16 @@ class QuantizedMixin:
     #: FedAdagrad) ``current_arrays``/``m_t``/``v_t`` (dicts of arrays)
     STATE_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t")
 
-    def __init__(self, *args: Any, spec: BroadcastSpec, seed: int, **kwargs: Any) -> None:
+    #: Flower attributes holding the server learning rate (FedAvgM / FedOpt), scaled by the schedule
+    LR_ATTRS = ("server_learning_rate", "eta")
+
+    def __init__(self, *args: Any, spec: BroadcastSpec, seed: int, lr_schedule: str = "constant",
+                 total_rounds: int = 0, **kwargs: Any) -> None:
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule={lr_schedule!r}: choose 'constant' or 'cosine'")
+        if lr_schedule == "cosine" and total_rounds < 1:
+            raise ValueError(f"lr_schedule='cosine' needs total_rounds >= 1, got {total_rounds!r}")
+        self.lr_schedule, self.total_rounds = lr_schedule, int(total_rounds)
         if not isinstance(spec, BroadcastSpec):
             raise TypeError(f"spec must be a fedaqt.protocol.BroadcastSpec, got {type(spec).__name__}")
         self.spec = spec
@@ -77,6 +103,11 @@ class QuantizedMixin:
         #: Gaussian noise of that std is added to the weighted mean update; None = no noise
         self.mean_noise: tuple[float, Any] | None = None
         super().__init__(*args, **kwargs)
+        # the configured server learning rate(s), which the schedule scales per round
+        self._base_lr = {a: float(getattr(self, a)) for a in self.LR_ATTRS if hasattr(self, a)}
+        if lr_schedule != "constant" and not self._base_lr:
+            raise ValueError(f"server_lr_schedule={lr_schedule!r}: {type(self).__name__} has no server learning rate "
+                             f"to schedule (use fedsgd, fedavgm, relay, fedadam or fedyogi)")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -106,6 +137,9 @@ class QuantizedMixin:
         ``spec.buffer_shapes``, the float buffers). Only the parameters reach the Flower strategy."""
         # Flower's node sampling uses the global `random` module: seed it per round (reproducible, resumable).
         random.seed(self.seed * 1_000_003 + server_round)
+        if self.lr_schedule == "cosine":  # stateless in the round number, so a resumed run continues it exactly
+            for attr, base in self._base_lr.items():
+                setattr(self, attr, base * cosine_factor(server_round, self.total_rounds))
         buffer_keys = set(self.spec.buffer_shapes)
         params = ArrayRecord({k: a for k, a in arrays.items() if k not in buffer_keys})
         messages = list(super().configure_train(server_round, params, config, grid))  # type: ignore[misc]
@@ -135,6 +169,8 @@ class QuantizedMixin:
             ValueError: a reply without the ``arrays``/``metrics`` records or an update key of the spec.
         """
         self._round_metrics = {}
+        if self.lr_schedule != "constant":
+            self.record_metric("server_lr", next(getattr(self, a) for a in self._base_lr))
         accepted = []
         for msg in replies:
             arrays = msg.content.array_records.get(UPDATE_KEY)

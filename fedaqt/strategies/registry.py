@@ -36,7 +36,7 @@ from pydantic import Field
 
 from fedaqt.config import RunConfig
 from fedaqt.protocol import BroadcastSpec
-from fedaqt.options import BaseOptions, NoOptions, options_for
+from fedaqt.options import BaseOptions, NoOptions, core_options, options_for
 from fedaqt.strategies.quantized import QuantizedMixin
 from fedaqt.strategies.relay import GradientRelayMixin
 
@@ -78,9 +78,12 @@ def sampling_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 
 def base_kwargs(cfg: RunConfig, spec: BroadcastSpec) -> dict[str, Any]:
-    """:func:`sampling_kwargs` + what :class:`QuantizedMixin` needs (``spec``, ``seed``): the keyword arguments
+    """:func:`sampling_kwargs` + what :class:`QuantizedMixin` needs (``spec``, ``seed``, the core option
+    ``server_lr_schedule`` as ``lr_schedule`` with ``total_rounds``): the keyword arguments
     every strategy built here starts from, ``cls(**base_kwargs(cfg, spec), **flower_hyperparameters)``."""
-    return {**sampling_kwargs(cfg), "spec": spec, "seed": int(cfg.seed)}
+    schedule = core_options(cfg).server_lr_schedule
+    return {**sampling_kwargs(cfg), "spec": spec, "seed": int(cfg.seed), "lr_schedule": schedule,
+            "total_rounds": int(cfg.rounds)}
 
 
 def _fedavgm(cfg: RunConfig, spec: BroadcastSpec) -> QuantizedFedAvgM:
