@@ -212,11 +212,28 @@ def _print_summary(summary: dict, out: str) -> None:
     table = Table(title=f"run summary ({out})")
     table.add_column("key")
     table.add_column("value")
+    init = (summary.get("config") or {}).get("options", {}).get("init_checkpoint")
+    if init:  # before FL: the starting checkpoint and its evaluation (`fedaqt pretrain` wrote it next to it)
+        table.add_row("pretrained_checkpoint", str(init))
+        for k, v in _pretrained_eval(init).items():
+            table.add_row(f"pretrained_{k}", f"{v:.4g}" if isinstance(v, float) else repr(v))
     for k, v in summary.items():
         if k in ("config", "workload"):
             continue
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     console.print(table)
+
+
+def _pretrained_eval(init: str) -> dict:
+    """The evaluation stored next to a `fedaqt pretrain` checkpoint (``pretrained.json``), {} when absent.
+
+    A file on disk: a damaged one is reported as empty, never a crash."""
+    meta_path = Path(init).with_suffix(".json")
+    try:
+        ev = json.loads(meta_path.read_text()).get("eval", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return ev if isinstance(ev, dict) else {}
 
 
 @app.command()
@@ -242,11 +259,9 @@ def report(run_dir: str = typer.Argument(..., help="a run directory written by `
     Console(width=max(console.width, 130)).print(table)  # wide enough not to elide numbers in pipes
     cfg_path = Path(run_dir) / "config.json"
     init = json.loads(cfg_path.read_text()).get("options", {}).get("init_checkpoint") if cfg_path.exists() else None
-    meta_path = Path(init).with_suffix(".json") if init else None
-    if meta_path is not None and meta_path.exists():  # before FL: the pretrained model's evaluation (fedaqt pretrain)
-        ev = json.loads(meta_path.read_text()).get("eval", {})
+    if init and Path(init).with_suffix(".json").exists():  # before FL: the pretrained model's evaluation
         # pretrained.json is a file on disk: a non-numeric or missing value is shown as such, never crashes the report
-        shown = ev.items() if isinstance(ev, dict) else ()
+        shown = _pretrained_eval(init).items()
         console.print(f"before FL (pretrained {init}): " + " ".join(
             f"{k}={v:.3f}" if isinstance(v, (int, float)) else f"{k}={v!r}" for k, v in shown))
     fig = plot_metrics(rounds, Path(run_dir) / "figures" / "metrics.png", title=str(run_dir))
