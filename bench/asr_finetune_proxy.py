@@ -29,6 +29,9 @@ opt = torch.optim.Adam(params, lr=a.lr) if a.opt == "adam" else torch.optim.SGD(
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / a.rounds)) if a.cosine else 1.0)
 def ev(r):
     e = wl.evaluate(m, r); print(f"R{r} " + " ".join(f"{k}={v:.3f}" for k, v in e.items()), f"t={time.time()-t0:.0f}s", flush=True)
+if a.specaug:
+    import torchaudio
+    fm, tm = torchaudio.transforms.FrequencyMasking(15, iid_masks=True), torchaudio.transforms.TimeMasking(20, iid_masks=True)
 t0 = time.time(); ev(0)
 rng = np.random.default_rng(0)
 for r in range(1, a.rounds + 1):
@@ -38,8 +41,6 @@ for r in range(1, a.rounds + 1):
     for c in clients:
         batches = wl.client_batches(int(c), r, a.local, a.bs)
         if a.specaug:
-            import torchaudio
-            fm, tm = torchaudio.transforms.FrequencyMasking(15, iid_masks=True), torchaudio.transforms.TimeMasking(20, iid_masks=True)
             for b in batches:
                 x = b["feats"].transpose(1, 2)  # [B, F, T]
                 for _ in range(a.specaug):

@@ -53,9 +53,9 @@ class PretrainRecipe:
 #: only where the preset, config file and command line leave it unset, :func:`finetune_defaults`). Server Adam
 #: (Flower FedAdam, bias-corrected; tau 1e-8 and beta_2 0.999 as torch.optim.Adam) at 1e-3 with a cosine decay
 #: over the rounds on the mean FedSGD gradient of 8 clients, no dropout: measured with
-#: bench/asr_finetune_proxy.py (in-process, float: held-out WER 0.489 -> 0.336 after 100 rounds -> 0.294 after
-#: 200), where server SGD (momentum 0.9 at 0.05, the core default) moved a pretrained model's WER by 0.02 in 150
-#: rounds. Random-init runs (--from-scratch) keep the core defaults.
+#: bench/asr_finetune_proxy.py (session 14, in-process, float: held-out WER 0.333 -> 0.257 after 100 rounds ->
+#: 0.274 after 200); server SGD (momentum 0.9 at 0.05, the core default, cosine) reached 0.316 after 100 rounds
+#: at int4 (bench/relay_ablation.py). Random-init runs (--from-scratch) keep the core defaults.
 FINETUNE_SERVER = {"strategy": "fedadam", "server_lr": 1e-3}
 FINETUNE_SERVER_OPTIONS = {"tau": 1e-8, "beta_2": 0.999, "server_lr_schedule": "cosine"}
 FINETUNE_RUN = {"rounds": 200}
