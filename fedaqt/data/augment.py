@@ -114,12 +114,16 @@ class Draw:
         return apply_items(task, self.items, np.random.default_rng(self.seed))
 
 
-def sample_draws(pool: list[Element], m: int, rng: np.random.Generator, combine_all: bool = False) -> list[Draw]:
-    """``m`` draws from ``pool`` with replacement (spec §6.3 step 2), draw ``j`` from the ``j``-th child of ``rng``
-    so the first draw does not depend on ``m`` (``m = 1`` is random augmentation under the same seed).
-    ``combine_all``: one draw applying every element in sequence (``maxup = 0``)."""
-    if combine_all:
-        return [Draw(tuple(it for e in pool for it in e), int(rng.integers(2**62)))]
+def sample_draws(pool: list[Element], m: int, rng: np.random.Generator) -> list[Draw]:
+    """``m`` draws from ``pool`` with replacement (spec §6.3 step 2); draw ``j`` comes from the ``j``-th spawned
+    child of ``rng``, so the first draw does not depend on ``m`` (``m = 1`` is random augmentation under the same
+    seed).
+
+    Raises:
+        ValueError: an empty pool or ``m < 1``.
+    """
+    if not pool or m < 1:
+        raise ValueError(f"sample_draws needs a non-empty pool and m >= 1 (pool of {len(pool)}, m={m})")
     draws = []
     for child in rng.spawn(m):
         draws.append(Draw(pool[int(child.integers(len(pool)))], int(child.integers(2**62))))

@@ -47,10 +47,11 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from fedaqt.config import ConfigError, RunConfig
+from fedaqt.data.augment import AugTask, Draw, mixed_ce, parse_augment, sample_draws
 from fedaqt.data.fewshot import ClassPool, load_pool, sample_class_batch, sample_episode
 from fedaqt.models.fewshot import (EpisodeHead, FewShotNet, adapt_classifier, build_backbone, prototypes, r_fc,
                                    r_hv_batch)
@@ -98,6 +99,23 @@ class FewShotOptions(BaseOptions):
     metric_classes: int = Field(50, ge=2, description="r_fc/r_hv: evaluation classes used")
     metric_per_class: int = Field(5, ge=2, description="r_fc/r_hv: images per class")
     eval_max_per_class: int = Field(200, ge=1, description="images per evaluation class kept (fmnist has 7000)")
+    augment: str = Field("", description="episode augmentation (spec §6.1/6.2), heads only: "
+                         "MODE:TECH[+MODE:TECH...][,ELEMENT...] with MODE support|query|task|shot (s|q|t|k), e.g. "
+                         "q:cutmix+t:rotation; or a Meta-MaxUp pool medium|large|single|cutmix; '' = none. "
+                         "Techniques: support selfmix|erase|rotation|flip|crop|randrot|drop_channel|solarize; query "
+                         "also cutmix|mixup; task rotation|mixup|cutmix|combine|erase|drop_channel; shot "
+                         "flip|crop|randrot|erase|selfmix|solarize (one augmented copy of the support set each)")
+    maxup: int = Field(1, ge=1, le=16, description="Meta-MaxUp (spec §6.3): draws per episode from the augment "
+                       "pool; the episode trains on the draw with the largest outer loss (m+1 forwards, 1 "
+                       "backward); 1 = one random draw (plain random augmentation)")
+    eval_flip_shots: bool = Field(False, description="shot augmentation at test time (spec §6.1): every evaluation "
+                                  "support image is joined by its horizontal flip (K -> 2K)")
+
+    @field_validator("augment")
+    @classmethod
+    def _valid_augment(cls, v: str) -> str:
+        parse_augment(v)  # ValueError naming the bad item
+        return v
 
 
 class FewShotWorkload(Workload):
@@ -124,6 +142,18 @@ class FewShotWorkload(Workload):
         if self.method == "classical" and config.batch_size < 4:
             raise ConfigError(f"batch_size={config.batch_size}: method=classical draws batch_size // 2 classes x 2 "
                               "images and needs batch_size >= 4")
+        self.aug_pool = parse_augment(o.augment)
+        if self.aug_pool and self.method not in ("protonet", "r2d2", "svm"):
+            raise ConfigError(f"options.augment={o.augment!r} needs an episode head (method protonet|r2d2|svm), got "
+                              f"method={self.method!r}: classical batches are not episodes, and the MAML-family "
+                              "algorithms compute their own hard-label query loss")
+        if o.maxup > 1 and not self.aug_pool:
+            raise ConfigError(f"options.maxup={o.maxup} needs an augmentation pool (options.augment, e.g. medium)")
+        if o.n_way < 3 and any(t == "combine" for e in self.aug_pool for _, t in e):
+            raise ConfigError(f"options.augment task:combine needs n_way >= 3 (got n_way={o.n_way})")
+        if o.eval_flip_shots and self.method == "maml" and o.eval_adapt == "full":
+            raise ConfigError("options.eval_flip_shots works on frozen features; it is not available with "
+                              "eval_adapt=full")
         self.in_channels = _CHANNELS[o.dataset]
         self.data_dir = o.data_dir or ("data/glyphs" if o.dataset == "glyphs" else "")
         self._pools: dict[str, ClassPool] = {}
@@ -238,6 +268,44 @@ class FewShotWorkload(Workload):
                             self._rng(client_id, round_num, index), classes=self.client_classes()[client_id])
         return self.to_input(ep.x_s), ep.y_s, self.to_input(ep.x_q), ep.y_q
 
+    def episode_draws(self, client_id: int, round_num: int, index: int) -> list[Draw]:
+        """The ``maxup`` frozen augmentation draws of training episode ``index`` (a deterministic function of
+        (seed, client, round, index); the first draw does not depend on ``maxup``)."""
+        rng = np.random.default_rng([self.config.seed, client_id, round_num, index, 0xA6])
+        return sample_draws(self.aug_pool, self.options.maxup, rng)
+
+    def episode_loss(self, model: nn.Module, task: AugTask) -> torch.Tensor:
+        """Outer loss of one (augmented) episode: the head's query logits, :func:`~fedaqt.data.augment.mixed_ce`
+        (plain CE unless a query CutMix / MixUp set partner labels)."""
+        feats = model.backbone(torch.cat([task.x_s, task.x_q]))
+        n_s = task.x_s.shape[0]
+        logits = model.head(feats[:n_s], task.y_s, feats[n_s:], task.n_way)
+        return mixed_ce(logits, task)
+
+    def maxup_loss(self, model: nn.Module, task: AugTask, draws: list[Draw]) -> tuple[torch.Tensor, list[float], int]:
+        """Meta-MaxUp (spec §6.3, Algorithm 5) for one episode: ``(loss with grad, candidate losses, chosen k)``.
+
+        Every candidate ``draws[j].apply(task)`` is scored under ``torch.no_grad()`` from the same torch RNG state
+        (dropout-style randomness is replayed) with BatchNorm running statistics saved before and restored after
+        each pass; ``k = argmax_j loss_j`` is then recomputed with grad from the same RNG state, so the returned
+        loss equals ``max_j loss_j`` and backward runs once. One draw: no selection pass (random augmentation).
+        """
+        if len(draws) == 1:
+            return self.episode_loss(model, draws[0].apply(task)), [], 0
+        rng_state = torch.get_rng_state()
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+        saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+        losses = []
+        with torch.no_grad():
+            for d in draws:
+                torch.set_rng_state(rng_state)
+                losses.append(float(self.episode_loss(model, d.apply(task))))
+                for m, (mu, var, nb) in zip(norms, saved):
+                    m.running_mean.copy_(mu), m.running_var.copy_(var), m.num_batches_tracked.copy_(nb)
+        k = int(np.argmax(losses))
+        torch.set_rng_state(rng_state)
+        return self.episode_loss(model, draws[k].apply(task)), losses, k
+
     def task_examples(self) -> int:
         """Images of one training episode: ``n_way * (k_shot + q_query)``."""
         o = self.options
@@ -255,7 +323,10 @@ class FewShotWorkload(Workload):
         if num_batches < 1:
             raise ValueError(f"num_batches={num_batches} must be >= 1")
         if self.method != "classical":
-            return [self.client_task(client_id, round_num, i) for i in range(num_batches)]
+            eps = [self.client_task(client_id, round_num, i) for i in range(num_batches)]
+            if self.aug_pool:  # frozen Meta-MaxUp draws (spec §6.3 step 2), from their own seeded stream
+                eps = [(*ep, tuple(self.episode_draws(client_id, round_num, i))) for i, ep in enumerate(eps)]
+            return eps
         classes = self.client_classes()[client_id]
         c = min(batch_size // 2, len(classes))
         out = []
@@ -265,15 +336,16 @@ class FewShotWorkload(Workload):
         return out
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
-        """Episode ``(x_s, y_s, x_q, y_q)``: query CE of the head's logits, weight 1 (one episode). ``(x, y)``:
+        """Episode ``(x_s, y_s, x_q, y_q)``: query CE of the head's logits, weight 1 (one episode); with a fifth
+        item (the episode's augmentation draws, ``options.augment``): the Meta-MaxUp loss (:meth:`maxup_loss`). ``(x, y)``:
         classifier CE (classical: ``+ r_fc_weight * R_FC + r_hv_weight * R_HV`` on the class-major batch),
         weight ``len(y)``."""
         o = self.options
-        if len(batch) == 4:
-            xs, ys, xq, yq = batch
-            feats = model.backbone(torch.cat([xs, xq]))
-            logits = model.head(feats[: len(ys)], ys, feats[len(ys):], o.n_way)
-            return F.cross_entropy(logits, yq), 1
+        if len(batch) in (4, 5):  # an episode; 5: with its Meta-MaxUp draws
+            task = AugTask(*batch[:4], n_way=o.n_way)
+            if len(batch) == 4:
+                return self.episode_loss(model, task), 1
+            return self.maxup_loss(model, task, list(batch[4]))[0], 1
         x, y = batch
         feats = model.backbone(x)
         loss = F.cross_entropy(model.classifier(feats), y)
@@ -287,13 +359,15 @@ class FewShotWorkload(Workload):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def pool_features(self, model: nn.Module) -> torch.Tensor:
-        """Backbone features ``[M, D]`` of the evaluation pool (eval mode, restored after)."""
+    def pool_features(self, model: nn.Module, flip: bool = False) -> torch.Tensor:
+        """Backbone features ``[M, D]`` of the evaluation pool (eval mode, restored after); ``flip``: of the
+        horizontally flipped images (test-time shot augmentation, ``eval_flip_shots``)."""
         pool = self.pool("evaluation")
         was = model.training
         model.eval()
+        images = torch.flip(pool.images, dims=(-1,)) if flip else pool.images
         try:
-            return torch.cat([model.backbone(self.to_input(pool.images[i:i + _FEAT_BATCH]))
+            return torch.cat([model.backbone(self.to_input(images[i:i + _FEAT_BATCH]))
                               for i in range(0, len(pool.labels), _FEAT_BATCH)])
         finally:
             model.train(was)
@@ -311,26 +385,40 @@ class FewShotWorkload(Workload):
             out.append((np.concatenate([p[:shots] for p in picks]), np.concatenate([p[shots:] for p in picks])))
         return out
 
-    def episode_accuracies(self, model: nn.Module, shots: int, feats: Optional[torch.Tensor] = None) -> np.ndarray:
-        """Query accuracy of each evaluation episode (``[eval_episodes]`` float64 in [0, 1])."""
+    def episode_accuracies(self, model: nn.Module, shots: int, feats: Optional[torch.Tensor] = None,
+                           feats_flip: Optional[torch.Tensor] = None) -> np.ndarray:
+        """Query accuracy of each evaluation episode (``[eval_episodes]`` float64 in [0, 1]). With
+        ``eval_flip_shots`` (``feats_flip``: :meth:`pool_features` with ``flip=True``, computed here when None)
+        every support image's flipped copy joins its class: ``shots -> 2 * shots`` support rows per class."""
         o = self.options
         n = o.n_way
         eps = self.eval_episode_indices(shots)
-        ys = torch.arange(n).repeat_interleave(shots)
         yq = torch.arange(n).repeat_interleave(o.eval_query)
         if self.method == "maml" and o.eval_adapt == "full":
-            return self._full_adapt_accuracies(model, eps, ys, yq)
+            return self._full_adapt_accuracies(model, eps, torch.arange(n).repeat_interleave(shots), yq)
         if feats is None:
             feats = self.pool_features(model)
-        if self.method == "maml":
-            return self._head_adapt_accuracies(model, feats, eps, ys, yq)
+        if o.eval_flip_shots and feats_flip is None:
+            feats_flip = self.pool_features(model, flip=True)
         s_idx = torch.from_numpy(np.stack([s for s, _ in eps]))
         q_idx = torch.from_numpy(np.stack([q for _, q in eps]))
+        k = 2 * shots if o.eval_flip_shots else shots
+        ys = torch.arange(n).repeat_interleave(k)
         accs = []
         with torch.no_grad():
             for i in range(0, len(eps), _EVAL_CHUNK):  # episodes batched: [E, n, D]
-                fs, fq = feats[s_idx[i:i + _EVAL_CHUNK]], feats[q_idx[i:i + _EVAL_CHUNK]]
-                logits = self.batched_logits(model, fs, ys, fq, shots)
+                si = s_idx[i:i + _EVAL_CHUNK]
+                fs, fq = feats[si], feats[q_idx[i:i + _EVAL_CHUNK]]
+                if o.eval_flip_shots:  # class-major: class c's K originals then their K flips
+                    e, d = fs.shape[0], fs.shape[-1]
+                    fs = torch.cat([fs.reshape(e, n, shots, d), feats_flip[si].reshape(e, n, shots, d)], 2)
+                    fs = fs.reshape(e, n * k, d)
+                if self.method == "maml":
+                    w, b, mu = adapt_classifier(model.classifier.weight, model.classifier.bias, fs, ys, n,
+                                                o.adapt_steps, o.adapt_lr)
+                    logits = torch.baddbmm(b.unsqueeze(1), fq - mu, w.transpose(1, 2))
+                else:
+                    logits = self.batched_logits(model, fs, ys, fq, k)
                 accs.append((logits.argmax(-1) == yq.unsqueeze(0)).double().mean(1))
         return torch.cat(accs).numpy()
 
@@ -371,21 +459,6 @@ class FewShotWorkload(Workload):
         w = alpha.reshape(e, -1, n).transpose(1, 2).to(fs.dtype) @ fs  # [E, N, D]
         return head.scale * (fq @ w.transpose(1, 2))
 
-    def _head_adapt_accuracies(self, model: nn.Module, feats: torch.Tensor, eps: list, ys: torch.Tensor,
-                               yq: torch.Tensor) -> np.ndarray:
-        s_idx = torch.from_numpy(np.stack([s for s, _ in eps]))
-        q_idx = torch.from_numpy(np.stack([q for _, q in eps]))
-        o = self.options
-        accs = []
-        with torch.no_grad():
-            for i in range(0, len(eps), _EVAL_CHUNK):
-                fs, fq = feats[s_idx[i:i + _EVAL_CHUNK]], feats[q_idx[i:i + _EVAL_CHUNK]]  # [E, n_s, D], [E, n_q, D]
-                w, b, mu = adapt_classifier(model.classifier.weight, model.classifier.bias, fs, ys, o.n_way,
-                                            o.adapt_steps, o.adapt_lr)
-                logits = torch.baddbmm(b.unsqueeze(1), fq - mu, w.transpose(1, 2))
-                accs.append((logits.argmax(-1) == yq.unsqueeze(0)).double().mean(1))
-        return torch.cat(accs).numpy()
-
     def _full_adapt_accuracies(self, model: nn.Module, eps: list, ys: torch.Tensor, yq: torch.Tensor) -> np.ndarray:
         pool = self.pool("evaluation")
         lr = float(self.options.adapt_lr or self.config.lr)
@@ -420,9 +493,10 @@ class FewShotWorkload(Workload):
     def evaluate(self, model: nn.Module, round_num: int) -> dict[str, float]:
         """The six :data:`EVAL_COLUMNS` of the float model (accuracies and CIs as fractions in [0, 1])."""
         feats = self.pool_features(model)
+        flips = self.pool_features(model, flip=True) if self.options.eval_flip_shots else None
         out = {}
         for shots in (1, 5):
-            acc = self.episode_accuracies(model, shots, feats)
+            acc = self.episode_accuracies(model, shots, feats, flips)
             out[f"eval_acc_{shots}shot"] = float(acc.mean())
             out[f"eval_ci95_{shots}shot"] = ci95(acc)
         out.update(self.feature_metrics(feats))
@@ -434,7 +508,10 @@ class FewShotWorkload(Workload):
         o = self.options
         if self.method == "classical":
             return f"batch {self.config.batch_size} ({self.config.batch_size // 2} classes x 2)"
-        return f"episode {o.n_way}-way {o.k_shot}-shot {o.q_query}-query ({self.task_examples()} images)"
+        label = f"episode {o.n_way}-way {o.k_shot}-shot {o.q_query}-query ({self.task_examples()} images)"
+        if self.aug_pool:
+            label += f", augment {o.augment}" + (f", Meta-MaxUp m={o.maxup}" if o.maxup > 1 else "")
+        return label
 
     def describe(self) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
