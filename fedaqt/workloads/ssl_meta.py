@@ -1,7 +1,5 @@
 """Meta-learning as self-supervised learning (spec §7, dissertation chapter 7) as a workload: ``ssl-meta``.
 
-WIP (issue 13): not registered as an entry point yet, no tests yet.
-
 Clients hold unlabeled shards of the training images (a seed permutation of the image indices cut into
 ``num_clients`` chunks; labels are never read on the client side). One training batch is one b-way task
 (Algorithm 6): ``--batch-size`` = b base images, each drawn ``views_support + views_query`` times through SimCLR-style
@@ -18,7 +16,6 @@ standardized features, top-1 on the test split.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import numpy as np
@@ -29,12 +26,16 @@ from torch import nn
 
 from fedaqt.config import RunConfig
 from fedaqt.data.images import load_fashion_mnist
-from fedaqt.models.fewshot import build_backbone, protonet_logits, r2d2_logits
+from fedaqt.data import views
+from fedaqt.models.fewshot import build_backbone
+from fedaqt.models.ssl import SSLNet, linear_eval, nt_xent, ssl_logits
 from fedaqt.options import BaseOptions
 from fedaqt.workloads.base import Workload
 
 
 class SSLMetaOptions(BaseOptions):
+    """Options of the ssl-meta workload (``-o KEY=VALUE``; ``fedaqt plugins show ssl-meta``)."""
+
     method: Literal["protonet", "r2d2", "simclr"] = Field("protonet", description="protonet | r2d2 | simclr")
     width: int = Field(32, ge=1, le=256, description="Conv-4 width")
     proj_dim: int = Field(128, ge=2, le=2048, description="projection output dimension")
@@ -51,69 +52,9 @@ class SSLMetaOptions(BaseOptions):
     linear_iters: int = Field(100, ge=1, le=10000, description="L-BFGS iterations of linear evaluation")
 
 
-class SSLNet(nn.Module):
-    """Backbone h, projection g (``D -> D -> proj_dim``, ReLU), rotation head (``proj_dim -> 4``)."""
-
-    def __init__(self, backbone: nn.Module, feat_dim: int, proj_dim: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.projector = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, proj_dim))
-        self.rot_head = nn.Linear(proj_dim, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))
-
-
-def simclr_views(x: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
-    """``m`` random views of each image of ``x [b, C, H, W]`` float in [0, 1]: ``[b, m, C, H, W]``.
-    Random resized crop (area U(0.2, 1), log-uniform aspect 3/4..4/3, bilinear), flip p 0.5, brightness and
-    contrast jitter (factors U(0.6, 1.4)) with p 0.8."""
-    b, c, h, w = x.shape
-    n = b * m
-    xr = x.unsqueeze(1).expand(b, m, c, h, w).reshape(n, c, h, w)
-    area = torch.empty(n).uniform_(0.2, 1.0, generator=gen)
-    logr = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
-    sx = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)
-    sy = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
-    tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
-    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
-    v = F.grid_sample(xr, grid, align_corners=False)
-    jit = torch.rand(n, generator=gen) < 0.8
-    bright = torch.where(jit, torch.empty(n).uniform_(0.6, 1.4, generator=gen), torch.ones(n)).view(n, 1, 1, 1)
-    contrast = torch.where(jit, torch.empty(n).uniform_(0.6, 1.4, generator=gen), torch.ones(n)).view(n, 1, 1, 1)
-    mean = v.mean(dim=(1, 2, 3), keepdim=True)
-    v = ((v - mean) * contrast + mean) * bright
-    return v.clamp(0, 1).reshape(b, m, c, h, w)
-
-
-def ssl_episode(x: torch.Tensor, m_s: int, m_q: int, gen: torch.Generator, task_rotation: bool = False):
-    """Algorithm 6: ``(x_s [b*m_s, ...], y_s, x_q [b*m_q, ...], y_q, angles [b])``, class-major, label = base-image
-    index; with ``task_rotation`` every view of base image i is turned by ``rot90`` ``angles[i]`` times."""
-    b = x.shape[0]
-    v = simclr_views(x, m_s + m_q, gen)
-    angles = torch.randint(0, 4, (b,), generator=gen) if task_rotation else torch.zeros(b, dtype=torch.int64)
-    if task_rotation:
-        v = torch.stack([torch.rot90(v[i], int(angles[i]), dims=(-2, -1)) for i in range(b)])
-    xs = v[:, :m_s].reshape(b * m_s, *x.shape[1:])
-    xq = v[:, m_s:].reshape(b * m_q, *x.shape[1:])
-    return xs, torch.arange(b).repeat_interleave(m_s), xq, torch.arange(b).repeat_interleave(m_q), angles
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
-    """SimCLR's NT-Xent over 2b views (Chen et al. 2020, eq. 1): cosine similarity / tau, self excluded."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    b = z1.shape[0]
-    sim = z @ z.t() / tau
-    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool), float("-inf"))
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
-    return F.cross_entropy(sim, target)
-
-
 class SSLMetaWorkload(Workload):
+    """Meta-learning as SSL (spec §7); see the module docstring."""
+
     name = "ssl-meta"
     description = "meta-learning as self-supervised learning (spec §7): ProtoNet/R2-D2 on augmented views, SimCLR"
     Options = SSLMetaOptions
@@ -135,7 +76,16 @@ class SSLMetaWorkload(Workload):
         return self._test
 
     def prepare(self) -> None:
+        """Load Fashion-MNIST train/test (FileNotFoundError names ``apt-get install dataset-fashion-mnist``).
+
+        Raises:
+            ValueError: a client shard smaller than ``--batch-size`` base images.
+        """
         self.data("train"), self.data("test")
+        small = min(len(s) for s in self.shards())
+        if small < self.config.batch_size:
+            raise ValueError(f"num_clients={self.config.num_clients}: a client holds {small} images < batch_size="
+                             f"{self.config.batch_size} base images per task")
 
     def shards(self) -> list[np.ndarray]:
         n = int(self.data("train")[0].shape[0])
@@ -164,6 +114,9 @@ class SSLMetaWorkload(Workload):
         return x.to(torch.float32) / 255.0
 
     def client_batches(self, client_id: int, round_num: int, num_batches: int, batch_size: int) -> list[Any]:
+        """``num_batches`` b-way SSL tasks ``(x_s float32 [b*m_s, 1, 28, 28], y_s int64 [b*m_s], x_q [b*m_q, ...],
+        y_q [b*m_q])`` from client ``client_id``'s unlabeled shard, b = ``batch_size`` base images (labels = base
+        index; simclr: m_s = m_q = 1); a deterministic function of (seed, client, round, index)."""
         o = self.options
         shard = self.shards()[client_id]
         out = []
@@ -172,11 +125,14 @@ class SSLMetaWorkload(Workload):
             idx = rng.choice(shard, size=min(batch_size, len(shard)), replace=False)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             m_s, m_q = (1, 1) if o.method == "simclr" else (o.views_support, o.views_query)
-            xs, ys, xq, yq, _ = ssl_episode(self._images(idx), m_s, m_q, gen, o.task_rotation)
+            xs, ys, xq, yq, _ = views.ssl_episode(self._images(idx), m_s, m_q, gen, o.task_rotation)
             out.append((xs, ys, xq, yq))
         return out
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """SSL loss of one task (spec §7.1 step 6: query CE against the base-image index; simclr: NT-Xent) plus
+        ``rot_loss_weight * CE`` of the 4-way rotation head on all 4 rotations of the first ``rot_fraction`` of the
+        support views (§7.3); weight b (base images)."""
         o = self.options
         xs, ys, xq, yq = batch
         b = int(ys.max()) + 1
@@ -184,16 +140,8 @@ class SSLMetaWorkload(Workload):
         zs, zq = z[: len(ys)], z[len(ys):]
         if o.method == "simclr":
             loss = nt_xent(zs, zq, o.tau)
-        elif o.method == "protonet":
-            if o.normalize:
-                zs, zq = F.normalize(zs, dim=1), F.normalize(zq, dim=1)
-                protos = torch.zeros(b, zs.shape[1]).index_add_(0, ys, zs) / torch.bincount(ys, minlength=b).unsqueeze(1)
-                logits = -(zq.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1) / o.tau
-            else:
-                logits = protonet_logits(zs, ys, zq, b, torch.ones(1), False)
-            loss = F.cross_entropy(logits, yq)
         else:
-            loss = F.cross_entropy(r2d2_logits(zs, ys, zq, b, o.r2d2_lambda, torch.ones(1), torch.zeros(1)), yq)
+            loss = F.cross_entropy(ssl_logits(zs, ys, zq, b, o.method, o.normalize, o.tau, o.r2d2_lambda), yq)
         if o.rot_loss_weight:
             k = max(1, int(round(o.rot_fraction * len(xs))))
             x = xs[:k]
@@ -214,28 +162,14 @@ class SSLMetaWorkload(Workload):
             model.train(was)
 
     def evaluate(self, model: nn.Module, round_num: int) -> dict[str, float]:
+        """``linear_acc`` in [0, 1] (:func:`fedaqt.models.ssl.linear_eval` on the frozen backbone's features of
+        ``linear_train`` seed-chosen labeled training images, scored on the first ``linear_test`` test images)."""
         o = self.options
         xtr, ytr = self.data("train")
         xte, yte = self.data("test")
         rng = np.random.default_rng([self.config.seed, 0x1E])
         itr = torch.from_numpy(rng.choice(len(ytr), size=min(o.linear_train, len(ytr)), replace=False))
         ite = torch.arange(min(o.linear_test, len(yte)))
-        ftr, fte = self.features(model, xtr[itr]).double(), self.features(model, xte[ite]).double()
-        mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
-        ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-        n_cls = int(ytr.max()) + 1
-        lin = nn.Linear(ftr.shape[1], n_cls).double()
-        opt = torch.optim.LBFGS(lin.parameters(), max_iter=o.linear_iters, line_search_fn="strong_wolfe")
-        y = ytr[itr].long()
-
-        def closure():
-            opt.zero_grad()
-            with torch.enable_grad():
-                loss = F.cross_entropy(lin(ftr), y) + 1e-4 * lin.weight.pow(2).sum()
-                loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        acc = float((lin(fte).argmax(1) == yte[ite].long()).double().mean())
+        acc = linear_eval(self.features(model, xtr[itr]), ytr[itr], self.features(model, xte[ite]), yte[ite],
+                          o.linear_iters)
         return {"linear_acc": acc}
