@@ -141,3 +141,14 @@ def test_client_shards_are_disjoint_and_batches_deterministic():
     assert len(allidx) == len(torch.unique(allidx)) == 60000
     a, b = wl.client_batches(1, 2, 1, 8)[0], wl.client_batches(1, 2, 1, 8)[0]
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_protonet_ssl_logits_use_the_mean_of_several_support_views():
+    g = torch.Generator().manual_seed(1)
+    zs, zq = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    ys = torch.arange(3).repeat_interleave(2)  # 3 base images x 2 support views
+    zs_np, zq_np = zs.numpy(), zq.numpy()
+    means = [zs_np[2 * c: 2 * c + 2].mean(0) for c in range(3)]
+    ref = [[-float(((q - m) ** 2).sum()) for m in means] for q in zq_np]
+    torch.testing.assert_close(ssl_logits(zs, ys, zq, 3, "protonet"), torch.tensor(ref, dtype=torch.float64),
+                               atol=1e-12, rtol=0)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedaqt.models.fewshot import r2d2_logits
+from fedaqt.models.fewshot import prototypes, r2d2_logits
 
 
 class SSLNet(nn.Module):
@@ -44,9 +44,7 @@ def ssl_logits(zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor, b: int, met
         return r2d2_logits(zs, ys, zq, b, lam, torch.ones(1, dtype=zs.dtype), torch.zeros(1, dtype=zs.dtype))
     if normalize:
         zs, zq = F.normalize(zs, dim=1), F.normalize(zq, dim=1)
-    protos = torch.zeros(b, zs.shape[1], dtype=zs.dtype).index_add_(0, ys, zs)
-    protos = protos / torch.bincount(ys, minlength=b).unsqueeze(1).to(zs.dtype)
-    d2 = (zq.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1)
+    d2 = (zq.unsqueeze(1) - prototypes(zs, ys, b).unsqueeze(0)).pow(2).sum(-1)
     return -d2 / tau if normalize else -d2
 
 

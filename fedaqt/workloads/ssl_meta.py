@@ -65,8 +65,10 @@ class SSLMetaWorkload(Workload):
         super().__init__(config)
         self._train = None
         self._test = None
+        self._shards: list[np.ndarray] | None = None
 
     def data(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fashion-MNIST ``split`` (``train`` / ``test``): uint8 images ``[N, 1, 28, 28]``, int64 labels (cached)."""
         if split == "train":
             if self._train is None:
                 self._train = load_fashion_mnist(split="train", normalize=False)
@@ -88,9 +90,12 @@ class SSLMetaWorkload(Workload):
                              f"{self.config.batch_size} base images per task")
 
     def shards(self) -> list[np.ndarray]:
-        n = int(self.data("train")[0].shape[0])
-        perm = np.random.default_rng([self.config.seed, 0x55]).permutation(n)
-        return np.array_split(perm, self.config.num_clients)
+        """Training-image indices of every client: a seed permutation cut into ``num_clients`` chunks (cached)."""
+        if self._shards is None:
+            n = int(self.data("train")[0].shape[0])
+            perm = np.random.default_rng([self.config.seed, 0x55]).permutation(n)
+            self._shards = np.array_split(perm, self.config.num_clients)
+        return self._shards
 
     def num_partitions(self) -> int:
         return self.config.num_clients
@@ -107,10 +112,9 @@ class SSLMetaWorkload(Workload):
     def quantize_filter(self, name: str, module: nn.Module) -> bool:
         return isinstance(module, (nn.Conv2d, nn.Linear)) and name.startswith("backbone.")
 
-    def _images(self, idx: np.ndarray) -> torch.Tensor:
-        x = self.data("train")[0][torch.from_numpy(idx)]
-        if x.ndim == 3:
-            x = x.unsqueeze(1)
+    @staticmethod
+    def to_input(x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 1, 28, 28]`` -> float32 in [0, 1]."""
         return x.to(torch.float32) / 255.0
 
     def client_batches(self, client_id: int, round_num: int, num_batches: int, batch_size: int) -> list[Any]:
@@ -125,7 +129,7 @@ class SSLMetaWorkload(Workload):
             idx = rng.choice(shard, size=min(batch_size, len(shard)), replace=False)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             m_s, m_q = (1, 1) if o.method == "simclr" else (o.views_support, o.views_query)
-            xs, ys, xq, yq, _ = views.ssl_episode(self._images(idx), m_s, m_q, gen, o.task_rotation)
+            xs, ys, xq, yq, _ = views.ssl_episode(self.to_input(self.data("train")[0][torch.from_numpy(idx)]), m_s, m_q, gen, o.task_rotation)
             out.append((xs, ys, xq, yq))
         return out
 
@@ -152,12 +156,11 @@ class SSLMetaWorkload(Workload):
 
     @torch.no_grad()
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features ``[N, D]`` of uint8 images ``x`` (eval-mode BatchNorm, mode restored after)."""
         was = model.training
         model.eval()
         try:
-            if x.ndim == 3:
-                x = x.unsqueeze(1)
-            return torch.cat([model.backbone(x[i:i + 1000].to(torch.float32) / 255.0) for i in range(0, len(x), 1000)])
+            return torch.cat([model.backbone(self.to_input(x[i:i + 1000])) for i in range(0, len(x), 1000)])
         finally:
             model.train(was)
 
