@@ -232,3 +232,48 @@ def test_eval_flip_shots_doubles_the_support_with_flipped_features(glyph_dir):  
         yq = torch.arange(5).repeat_interleave(wl.options.eval_query)
         ref.append(float((d2.argmin(1) == yq).double().mean()))
     np.testing.assert_allclose(acc, ref, atol=1e-12)
+
+
+def test_expanded_rotation_pool_draws_class_angle_pairs_uniformly():
+    """spec §6.1 [CHOICE]: N (class, angle) pairs from classes x 4; one base class may appear at two angles with
+    disjoint images. Reference: for 2 base classes and 2-way episodes, P(same base) = 2*C(4,2)/C(8,2) = 12/28."""
+    from math import comb
+
+    from fedaqt.data.fewshot import ClassPool, sample_rotation_episode
+
+    labels = np.repeat(np.arange(3), 12)
+    images = torch.arange(36, dtype=torch.uint8).reshape(36, 1, 1, 1)  # pixel value = image index
+    pool = ClassPool(images, torch.from_numpy(labels), ["a", "b", "c"])
+    same, trials = 0, 3000
+    for seed in range(trials):
+        ep, angles = sample_rotation_episode(pool, 2, 2, 3, np.random.default_rng(seed), classes=np.array([0, 2]))
+        idx = torch.cat([ep.x_s, ep.x_q]).flatten().tolist()
+        assert len(set(idx)) == len(idx) == 10  # disjoint images, also across two angles of one base class
+        for n in range(2):  # every image of episode class n comes from its base class
+            got = torch.cat([ep.x_s[ep.y_s == n], ep.x_q[ep.y_q == n]]).flatten().long()
+            assert set(labels[got.numpy()]) == {int(ep.classes[n])}
+        pairs = {(int(c), int(a)) for c, a in zip(ep.classes, angles)}
+        assert len(pairs) == 2 and set(angles.tolist()) <= {0, 1, 2, 3} and set(ep.classes) <= {0, 2}
+        same += int(ep.classes[0] == ep.classes[1])
+    p = 2 * comb(4, 2) / comb(8, 2)
+    assert abs(same / trials - p) < 4 * np.sqrt(p * (1 - p) / trials)
+
+
+def test_expanded_rotation_episodes_are_rotated_by_their_pair_angles(glyph_dir):  # noqa: F811
+    wl = FewShotWorkload(_cfg(glyph_dir, options={"method": "protonet", "augment": "q:cutmix+t:rotation",
+                                                  "maxup": 2}))
+    wl.prepare()
+    assert wl.expanded_rotation
+    (x_s, y_s, x_q, y_q), angles = wl.client_episode(0, 1, 0)
+    ep = wl.client_batches(0, 1, 1, 1)[0]
+    assert torch.equal(ep[0], x_s) and torch.equal(ep[2], x_q)  # the sampled images, unrotated
+    for d in ep[4]:
+        assert d.angles == tuple(int(a) for a in angles)
+        t = d.apply(AugTask(x_s, y_s, x_q, y_q, 5))
+        for c in range(5):  # support: rotated by the pair's angle (query is CutMixed as well; not compared)
+            assert torch.equal(t.x_s[y_s == c], torch.rot90(x_s[y_s == c], int(angles[c]), dims=(-2, -1)))
+    # a pool element without task:rotation would see the unrotated pairs: auto falls back, explicit is refused
+    assert not FewShotWorkload(_cfg(glyph_dir, options={"method": "protonet", "augment": "medium"})).expanded_rotation
+    with pytest.raises(ConfigError, match="rotation_pool"):
+        FewShotWorkload(_cfg(glyph_dir, options={"method": "protonet", "augment": "medium",
+                                                 "rotation_pool": "expanded"}))

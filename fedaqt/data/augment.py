@@ -104,14 +104,17 @@ class AugTask:
 @dataclass(frozen=True)
 class Draw:
     """One frozen augmentation: ``items`` (``(mode, technique)`` pairs) and the ``seed`` of all its random
-    parameters. :meth:`apply` is deterministic."""
+    parameters; ``angles`` (quarter turns per episode class) when the episode was drawn from the expanded
+    ``(class, angle)`` pool (:func:`fedaqt.data.fewshot.sample_rotation_episode`): ``task:rotation`` then applies
+    those angles instead of drawing them. :meth:`apply` is deterministic."""
 
     items: Element
     seed: int
+    angles: Optional[tuple[int, ...]] = None
 
     def apply(self, task: AugTask) -> AugTask:
         """The augmented task (inputs are not modified). See :func:`apply_items`."""
-        return apply_items(task, self.items, np.random.default_rng(self.seed))
+        return apply_items(task, self.items, np.random.default_rng(self.seed), self.angles)
 
 
 def sample_draws(pool: list[Element], m: int, rng: np.random.Generator) -> list[Draw]:
@@ -219,10 +222,12 @@ def _per_image(tech: str, x: torch.Tensor, rng: np.random.Generator) -> torch.Te
     return torch.stack(out) if out else x.clone()
 
 
-def _task(tech: str, t: AugTask, rng: np.random.Generator) -> AugTask:
+def _task(tech: str, t: AugTask, rng: np.random.Generator, angles: Optional[tuple[int, ...]] = None) -> AugTask:
     n = t.n_way
     if tech == "rotation":  # every class gets one angle for all its images: (class, angle) is the new class
-        ks = rng.integers(0, 4, size=n)
+        if angles is not None and len(angles) != n:
+            raise ValueError(f"task:rotation got {len(angles)} angles for an {n}-way episode")
+        ks = rng.integers(0, 4, size=n) if angles is None else np.asarray(angles)
         xs, xq = t.x_s.clone(), t.x_q.clone()
         for c in range(n):
             for x, y in ((xs, t.y_s), (xq, t.y_q)):
@@ -289,13 +294,15 @@ def _query_mix(tech: str, t: AugTask, rng: np.random.Generator) -> AugTask:
     return replace(t, x_q=x, y_q2=t.y_q[perm].clone(), lam_q=torch.full((nq,), lam, dtype=torch.float64))
 
 
-def apply_items(task: AugTask, items: Element, rng: np.random.Generator) -> AugTask:
+def apply_items(task: AugTask, items: Element, rng: np.random.Generator,
+                angles: Optional[tuple[int, ...]] = None) -> AugTask:
     """Apply ``items`` in the order task, support, query, shot (spec §6.1). Support mode leaves the query tensors
     untouched and vice versa; shot mode appends one augmented copy of the support set per shot technique
-    (``n_s -> n_s * (1 + copies)``, labels duplicated).
+    (``n_s -> n_s * (1 + copies)``, labels duplicated). ``angles``: the quarter turns of each class for
+    ``task:rotation`` (episodes from the expanded ``(class, angle)`` pool); None = one random angle per class.
 
     Raises:
-        ValueError: ``task:combine`` with ``n_way < 3``.
+        ValueError: ``task:combine`` with ``n_way < 3``; ``angles`` not of length ``n_way``.
     """
     t = task
     for mode in MODES:
@@ -303,7 +310,7 @@ def apply_items(task: AugTask, items: Element, rng: np.random.Generator) -> AugT
             if m != mode:
                 continue
             if mode == "task":
-                t = _task(tech, t, rng)
+                t = _task(tech, t, rng, angles)
             elif mode == "support":
                 t = replace(t, x_s=_per_image(tech, t.x_s, rng))
             elif mode == "query":

@@ -115,6 +115,50 @@ def sample_episode(pool: ClassPool, n_way: int, k_shot: int, q_query: int, rng: 
     return Episode(pool.images[s], ys, pool.images[q], yq, chosen)
 
 
+def sample_rotation_episode(pool: ClassPool, n_way: int, k_shot: int, q_query: int, rng: np.random.Generator,
+                            classes: Optional[np.ndarray] = None) -> tuple[Episode, np.ndarray]:
+    """An N-way episode whose classes are ``(class, angle)`` pairs drawn from the expanded pool of
+    ``classes x {0, 90, 180, 270}`` (large rotation as task augmentation, spec §6.1 [CHOICE]): the same base class may
+    appear at two angles, then as two episode classes with disjoint images.
+
+    Pairs are drawn one at a time, uniformly among the pairs not yet drawn whose base class still has ``K + Q`` unused
+    images, so any pool that :func:`sample_episode` accepts works. The images come back **unrotated**:
+    ``angles[n]`` (int64 in ``0..3``, quarter turns) is the rotation of episode class ``n``, applied by the
+    ``task:rotation`` technique (:mod:`fedaqt.data.augment`). ``Episode.classes[n]`` is class n's base class.
+
+    Raises:
+        ValueError: as :func:`sample_episode`.
+    """
+    if n_way < 1 or k_shot < 1 or q_query < 0:
+        raise ValueError(f"n_way={n_way}, k_shot={k_shot} must be >= 1 and q_query={q_query} >= 0")
+    avail = np.arange(pool.n_classes) if classes is None else np.asarray(classes)
+    if n_way > len(avail):
+        raise ValueError(f"n_way={n_way} exceeds the {len(avail)} classes available")
+    need = k_shot + q_query
+    for c in avail:
+        if len(pool.by_class[int(c)]) < need:
+            raise ValueError(f"class {pool.names[int(c)]!r} has {len(pool.by_class[int(c)])} images < k_shot + "
+                             f"q_query = {need}")
+    unused = {int(c): rng.permutation(pool.by_class[int(c)]) for c in avail}  # images left per base class
+    taken: set[int] = set()
+    bases, angles, s_idx, q_idx = [], [], [], []
+    for _ in range(n_way):
+        feasible = [p for p in range(4 * len(avail)) if p not in taken and len(unused[int(avail[p // 4])]) >= need]
+        p = feasible[int(rng.integers(len(feasible)))]
+        taken.add(p)
+        c = int(avail[p // 4])
+        pick, unused[c] = unused[c][:need], unused[c][need:]
+        bases.append(c)
+        angles.append(p % 4)
+        s_idx.append(pick[:k_shot])
+        q_idx.append(pick[k_shot:])
+    s = np.concatenate(s_idx)
+    q = np.concatenate(q_idx) if q_query else np.zeros(0, np.int64)
+    ys = torch.arange(n_way).repeat_interleave(k_shot)
+    yq = torch.arange(n_way).repeat_interleave(q_query)
+    return Episode(pool.images[s], ys, pool.images[q], yq, np.asarray(bases)), np.asarray(angles, dtype=np.int64)
+
+
 def sample_class_batch(pool: ClassPool, n_classes: int, per_class: int, rng: np.random.Generator,
                        classes: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A classical-training batch of ``n_classes`` classes x ``per_class`` images (class-major order), with the

@@ -42,6 +42,7 @@ episodes batched) or ``eval_adapt=full`` (the whole network adapts per episode w
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -52,7 +53,7 @@ from torch import nn
 
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.data.augment import AugTask, Draw, mixed_ce, parse_augment, sample_draws
-from fedaqt.data.fewshot import ClassPool, load_pool, sample_class_batch, sample_episode
+from fedaqt.data.fewshot import ClassPool, load_pool, sample_class_batch, sample_episode, sample_rotation_episode
 from fedaqt.models.fewshot import (EpisodeHead, FewShotNet, adapt_classifier, build_backbone, prototypes, r_fc,
                                    r_hv_batch)
 from fedaqt.options import BaseOptions
@@ -108,6 +109,11 @@ class FewShotOptions(BaseOptions):
     maxup: int = Field(1, ge=1, le=16, description="Meta-MaxUp (spec §6.3): draws per episode from the augment "
                        "pool; the episode trains on the draw with the largest outer loss (m+1 forwards, 1 "
                        "backward); 1 = one random draw (plain random augmentation)")
+    rotation_pool: Literal["auto", "expanded", "per_class"] = Field(
+        "auto", description="classes of task:rotation (spec §6.1 [CHOICE]): expanded = the N classes are (class, "
+        "angle) pairs drawn from the client's classes x {0,90,180,270}, so one base class may appear at two angles; "
+        "per_class = N distinct classes, each turned by one random angle. Expanded needs every augment element to "
+        "contain task:rotation (Meta-MaxUp's draws share one sampled task); auto = expanded then, else per_class")
     eval_flip_shots: bool = Field(False, description="shot augmentation at test time (spec §6.1): every evaluation "
                                   "support image is joined by its horizontal flip (K -> 2K)")
 
@@ -149,6 +155,13 @@ class FewShotWorkload(Workload):
                               "algorithms compute their own hard-label query loss")
         if o.maxup > 1 and not self.aug_pool:
             raise ConfigError(f"options.maxup={o.maxup} needs an augmentation pool (options.augment, e.g. medium)")
+        all_rotate = bool(self.aug_pool) and all(("task", "rotation") in e for e in self.aug_pool)
+        if o.rotation_pool == "expanded" and not all_rotate:
+            raise ConfigError(f"options.rotation_pool='expanded' needs every element of options.augment="
+                              f"{o.augment!r} to contain task:rotation (an element without it would train on the "
+                              "unrotated pairs, where one base class can be two labels); use auto or per_class")
+        #: episodes drawn from the expanded (class, angle) pool (:func:`sample_rotation_episode`)
+        self.expanded_rotation = all_rotate and o.rotation_pool != "per_class"
         if o.n_way < 3 and any(t == "combine" for e in self.aug_pool for _, t in e):
             raise ConfigError(f"options.augment task:combine needs n_way >= 3 (got n_way={o.n_way})")
         if o.eval_flip_shots and self.method == "maml" and o.eval_adapt == "full":
@@ -268,6 +281,24 @@ class FewShotWorkload(Workload):
                             self._rng(client_id, round_num, index), classes=self.client_classes()[client_id])
         return self.to_input(ep.x_s), ep.y_s, self.to_input(ep.x_q), ep.y_q
 
+    def client_episode(self, client_id: int, round_num: int, index: int
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Optional[np.ndarray]]:
+        """:meth:`client_task` and ``None``, or with ``expanded_rotation`` an episode of ``(class, angle)`` pairs
+        from the expanded pool (:func:`~fedaqt.data.fewshot.sample_rotation_episode`, images unrotated) and its
+        ``angles [n_way]`` (quarter turns), applied by the draws' ``task:rotation``.
+
+        Raises:
+            ValueError: ``client_id`` out of range.
+        """
+        if not self.expanded_rotation:
+            return self.client_task(client_id, round_num, index), None
+        self._check_client(client_id)
+        o = self.options
+        ep, angles = sample_rotation_episode(self.pool("background"), o.n_way, o.k_shot, o.q_query,
+                                             self._rng(client_id, round_num, index),
+                                             classes=self.client_classes()[client_id])
+        return (self.to_input(ep.x_s), ep.y_s, self.to_input(ep.x_q), ep.y_q), angles
+
     def episode_draws(self, client_id: int, round_num: int, index: int) -> list[Draw]:
         """The ``maxup`` frozen augmentation draws of training episode ``index`` (a deterministic function of
         (seed, client, round, index); the first draw does not depend on ``maxup``)."""
@@ -323,9 +354,15 @@ class FewShotWorkload(Workload):
         if num_batches < 1:
             raise ValueError(f"num_batches={num_batches} must be >= 1")
         if self.method != "classical":
-            eps = [self.client_task(client_id, round_num, i) for i in range(num_batches)]
-            if self.aug_pool:  # frozen Meta-MaxUp draws (spec §6.3 step 2), from their own seeded stream
-                eps = [(*ep, tuple(self.episode_draws(client_id, round_num, i))) for i, ep in enumerate(eps)]
+            if not self.aug_pool:
+                return [self.client_task(client_id, round_num, i) for i in range(num_batches)]
+            eps = []
+            for i in range(num_batches):  # frozen Meta-MaxUp draws (spec §6.3 step 2), from their own seeded stream
+                ep, angles = self.client_episode(client_id, round_num, i)
+                draws = self.episode_draws(client_id, round_num, i)
+                if angles is not None:
+                    draws = [replace(d, angles=tuple(int(a) for a in angles)) for d in draws]
+                eps.append((*ep, tuple(draws)))
             return eps
         classes = self.client_classes()[client_id]
         c = min(batch_size // 2, len(classes))
