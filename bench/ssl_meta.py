@@ -7,7 +7,9 @@ process; the workload's own views, episodes and losses, ``client_batches`` of cl
 Fashion-MNIST training images for ``--steps`` Adam steps (lr ``--lr``) of ``--batch`` base images x 2 views
 (1 support + 1 query: SimCLR's m = 2), then scores the frozen backbone by the workload's linear evaluation
 (L-BFGS logistic regression on ``--linear-train`` labeled training images' features, top-1 on the 10,000 test
-images). ``untrained`` is the randomly initialized backbone under the same evaluation. Rotation arms add
+images) and by the workload's few-shot evaluation (600 seed-fixed 5-way 1-/5-shot episodes, 15 queries per
+class, over the test images: nearest class mean of the frozen backbone's features; the CI covers the evaluation
+episodes only). ``untrained`` is the randomly initialized backbone under the same evaluation. Rotation arms add
 ``task_rotation=true`` (one angle per base image for all its views); ``+rotloss`` adds the auxiliary 4-way rotation
 loss (weight 1, 25% of the base images). Prints the table (``--json``); asserts nothing.
 
@@ -57,7 +59,8 @@ def main() -> None:
     print(f"# ssl_meta bench: Fashion-MNIST, Conv-4 width {args.width}, {args.steps} Adam steps lr {args.lr} of "
           f"{args.batch} base images x 2 views, linear eval on {args.linear_train} labeled train images -> 10000 test, "
           f"seed {args.seed}, load {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"{'arm':18} {'linear acc':>10} {'train s':>8}", flush=True)
+    print(f"{'arm':18} {'linear acc':>10} {'5w1s acc ± CI95':>16} {'5w5s acc ± CI95':>16} {'train s':>8}",
+          flush=True)
     rows = []
     for arm in args.arms.split(","):
         opts = {"width": args.width, "linear_train": args.linear_train, **(ARMS[arm] or {})}
@@ -74,9 +77,11 @@ def main() -> None:
                 loss.backward()
                 opt.step()
         t_train = time.perf_counter() - t0
-        acc = wl.evaluate(model, args.steps)["linear_acc"]
-        rows.append({"arm": arm, "linear_acc": acc, "train_s": t_train})
-        print(f"{arm:18} {100 * acc:9.2f}% {t_train:8.1f}", flush=True)
+        out = wl.evaluate(model, args.steps)
+        rows.append({"arm": arm, **out, "train_s": t_train})
+        print(f"{arm:18} {100 * out['linear_acc']:9.2f}% {100 * out['fewshot_acc_1shot']:7.2f} ± "
+              f"{100 * out['fewshot_ci95_1shot']:4.2f}% {100 * out['fewshot_acc_5shot']:7.2f} ± "
+              f"{100 * out['fewshot_ci95_5shot']:4.2f}% {t_train:8.1f}", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -91,7 +91,8 @@ def test_r2d2_head_is_finite_for_more_classes_than_dimensions():
 
 def _workload(**opts) -> SSLMetaWorkload:
     cfg = RunConfig(workload="ssl-meta", num_clients=4, batch_size=8, seed=0,
-                    options={"width": 8, "linear_train": 200, "linear_test": 200, "linear_iters": 20, **opts})
+                    options={"width": 8, "linear_train": 200, "linear_test": 200, "linear_iters": 20,
+                             "fewshot_episodes": 30, "fewshot_query": 5, **opts})
     return SSLMetaWorkload(cfg)
 
 
@@ -152,3 +153,32 @@ def test_protonet_ssl_logits_use_the_mean_of_several_support_views():
     ref = [[-float(((q - m) ** 2).sum()) for m in means] for q in zq_np]
     torch.testing.assert_close(ssl_logits(zs, ys, zq, 3, "protonet"), torch.tensor(ref, dtype=torch.float64),
                                atol=1e-12, rtol=0)
+
+
+def test_fewshot_evaluation_of_the_backbone_is_nearest_class_mean():
+    """spec §7 few-shot evaluation: episodes valid (N distinct classes, disjoint images) and each query assigned to
+    the nearest support mean, against a numpy loop written out here."""
+    import numpy as np
+
+    from fedaqt.data.fewshot import eval_episode_indices
+    from fedaqt.models.ssl import prototype_accuracies
+
+    rng = np.random.default_rng(0)
+    lab = np.repeat(np.arange(6), 20)
+    feats = torch.from_numpy(rng.normal(size=(120, 3)) + lab[:, None] * 0.7)
+    by_class = [np.nonzero(lab == c)[0] for c in range(6)]
+    eps = eval_episode_indices(by_class, 4, 2, 3, 50, np.random.default_rng(1))
+    for s, q in eps:
+        assert len(set(s) | set(q)) == 20 and len(set(lab[s])) == 4
+        for c in range(4):  # class-major: rows c*K..(c+1)*K are class c, the queries likewise
+            assert len(set(lab[s[2 * c:2 * c + 2]]) | set(lab[q[3 * c:3 * c + 3]])) == 1
+    ref = []
+    for s, q in eps:
+        f = feats.numpy()
+        means = np.stack([f[s[2 * c:2 * c + 2]].mean(0) for c in range(4)])
+        pred = [int(np.argmin(((f[j] - means) ** 2).sum(1))) for j in q]
+        ref.append(np.mean(np.array(pred) == np.repeat(np.arange(4), 3)))
+    np.testing.assert_allclose(prototype_accuracies(feats, eps, 4), ref, atol=0)
+    assert 0.2 < np.mean(ref) < 1.0  # neither trivial nor perfect: the test can tell rules apart
+    out = _workload(linear_test=300, fewshot_episodes=20).evaluate(_workload().build_model(), 1)
+    assert 0.2 < out["fewshot_acc_1shot"] <= out["fewshot_acc_5shot"] + 0.1 and out["fewshot_ci95_5shot"] > 0

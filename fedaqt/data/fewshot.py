@@ -159,6 +159,28 @@ def sample_rotation_episode(pool: ClassPool, n_way: int, k_shot: int, q_query: i
     return Episode(pool.images[s], ys, pool.images[q], yq, np.asarray(bases)), np.asarray(angles, dtype=np.int64)
 
 
+def eval_episode_indices(by_class: list[np.ndarray], n_way: int, shots: int, queries: int, episodes: int,
+                         rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``episodes`` N-way evaluation episodes as (support, query) index arrays (int64 ``[N*shots]``,
+    ``[N*queries]``) into a pool whose class ``c`` holds the images ``by_class[c]``: N distinct classes, then per
+    class ``shots + queries`` distinct images; class-major, so the labels are ``arange(N).repeat_interleave(...)``.
+
+    Raises:
+        ValueError: ``n_way`` above the number of classes, or a class with fewer than ``shots + queries`` images.
+    """
+    if n_way > len(by_class):
+        raise ValueError(f"n_way={n_way} exceeds the {len(by_class)} classes of the pool")
+    few = min(len(m) for m in by_class)
+    if few < shots + queries:
+        raise ValueError(f"shots + queries = {shots + queries} exceeds the {few} images of the smallest class")
+    out = []
+    for _ in range(episodes):
+        chosen = rng.choice(len(by_class), size=n_way, replace=False)
+        picks = [rng.choice(by_class[int(c)], size=shots + queries, replace=False) for c in chosen]
+        out.append((np.concatenate([p[:shots] for p in picks]), np.concatenate([p[shots:] for p in picks])))
+    return out
+
+
 def sample_class_batch(pool: ClassPool, n_classes: int, per_class: int, rng: np.random.Generator,
                        classes: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A classical-training batch of ``n_classes`` classes x ``per_class`` images (class-major order), with the

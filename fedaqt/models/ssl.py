@@ -3,6 +3,7 @@ b-way SSL task logits (ProtoNet / R2-D2), SimCLR's NT-Xent baseline and linear e
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,3 +71,20 @@ def linear_eval(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor, yte: to
         opt.step(closure)
     with torch.no_grad():
         return float((lin(fte).argmax(1) == yte.long()).double().mean())
+
+
+def prototype_accuracies(feats: torch.Tensor, episodes: list[tuple[np.ndarray, np.ndarray]], n_way: int) -> np.ndarray:
+    """Few-shot evaluation of frozen features (spec §7 "few-shot evaluation of the learned backbone"; the
+    ProtoNet rule, Snell et al. 2017): per episode, each query goes to the nearest support-class mean (squared
+    Euclidean) of ``feats [M, D]``; ``episodes`` are class-major (support, query) index arrays
+    (:func:`fedaqt.data.fewshot.eval_episode_indices`). Returns the query accuracy of each episode, float64
+    ``[len(episodes)]`` in [0, 1]."""
+    accs = np.empty(len(episodes))
+    with torch.no_grad():
+        for i, (s, q) in enumerate(episodes):
+            ys = torch.arange(n_way).repeat_interleave(len(s) // n_way)
+            yq = torch.arange(n_way).repeat_interleave(len(q) // n_way)
+            fq = feats[torch.from_numpy(q)]
+            d2 = (fq.unsqueeze(1) - prototypes(feats[torch.from_numpy(s)], ys, n_way).unsqueeze(0)).pow(2).sum(-1)
+            accs[i] = float((d2.argmin(1) == yq).double().mean())
+    return accs

@@ -53,7 +53,8 @@ from torch import nn
 
 from fedaqt.config import ConfigError, RunConfig
 from fedaqt.data.augment import AugTask, Draw, mixed_ce, parse_augment, sample_draws
-from fedaqt.data.fewshot import ClassPool, load_pool, sample_class_batch, sample_episode, sample_rotation_episode
+from fedaqt.data.fewshot import (ClassPool, eval_episode_indices, load_pool, sample_class_batch, sample_episode,
+                                 sample_rotation_episode)
 from fedaqt.models.fewshot import (EpisodeHead, FewShotNet, adapt_classifier, build_backbone, prototypes, r_fc,
                                    r_hv_batch)
 from fedaqt.options import BaseOptions
@@ -413,14 +414,8 @@ class FewShotWorkload(Workload):
         """``eval_episodes`` (support, query) index arrays into the evaluation pool for ``shots``-shot episodes,
         class-major with labels ``repeat_interleave`` (the same episodes every evaluation: seed-fixed)."""
         o = self.options
-        pool = self.pool("evaluation")
-        rng = np.random.default_rng([self.config.seed, 0xE7, shots])
-        out = []
-        for _ in range(o.eval_episodes):
-            chosen = rng.choice(pool.n_classes, size=o.n_way, replace=False)
-            picks = [rng.choice(pool.by_class[int(c)], size=shots + o.eval_query, replace=False) for c in chosen]
-            out.append((np.concatenate([p[:shots] for p in picks]), np.concatenate([p[shots:] for p in picks])))
-        return out
+        return eval_episode_indices(self.pool("evaluation").by_class, o.n_way, shots, o.eval_query, o.eval_episodes,
+                                    np.random.default_rng([self.config.seed, 0xE7, shots]))
 
     def episode_accuracies(self, model: nn.Module, shots: int, feats: Optional[torch.Tensor] = None,
                            feats_flip: Optional[torch.Tensor] = None) -> np.ndarray:

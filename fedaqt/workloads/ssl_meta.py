@@ -9,9 +9,15 @@ head), ``simclr`` (NT-Xent baseline, temperature ``tau``, views 1+1). ``-o task_
 {0, 90, 180, 270} per base image for all its views (§7.2). ``-o rot_loss_weight``: auxiliary 4-way rotation loss on
 all 4 rotations of ``rot_fraction`` of the base images (§7.3).
 
-Evaluation (server, labeled held-out data): ``linear_acc``: the backbone frozen (eval-mode BatchNorm), the
-projection dropped, a multinomial logistic regression fitted by L-BFGS on ``linear_train`` labeled training images'
-standardized features, top-1 on the test split.
+Evaluation (server, labeled held-out data), the backbone frozen (eval-mode BatchNorm) and the projection dropped:
+
+* ``linear_acc``: a multinomial logistic regression fitted by L-BFGS on ``linear_train`` labeled training images'
+  standardized features, top-1 on the test split (the first ``linear_test`` images);
+* ``fewshot_acc_1shot`` / ``fewshot_acc_5shot`` (+ ``fewshot_ci95_*``, ``1.96 * std / sqrt(n)``): few-shot
+  evaluation, ``fewshot_episodes`` seed-fixed ``n_way``-way episodes with ``fewshot_query`` queries per class over
+  the same test images (all 10 classes: the backbone never saw a label), each query assigned to the nearest
+  support-class mean of the backbone features (:func:`fedaqt.models.ssl.prototype_accuracies`).
+  ``fewshot_episodes=0`` skips it.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from torch import nn
 from fedaqt.config import RunConfig
 from fedaqt.data.images import load_fashion_mnist
 from fedaqt.data import views
+from fedaqt.data.fewshot import eval_episode_indices
 from fedaqt.models.fewshot import build_backbone
-from fedaqt.models.ssl import SSLNet, linear_eval, nt_xent, ssl_logits
+from fedaqt.models.ssl import SSLNet, linear_eval, nt_xent, prototype_accuracies, ssl_logits
 from fedaqt.options import BaseOptions
 from fedaqt.workloads.base import Workload
 
@@ -50,6 +57,10 @@ class SSLMetaOptions(BaseOptions):
     linear_train: int = Field(5000, ge=10, description="labeled training images for linear evaluation")
     linear_test: int = Field(10000, ge=10, description="test images for linear evaluation")
     linear_iters: int = Field(100, ge=1, le=10000, description="L-BFGS iterations of linear evaluation")
+    fewshot_episodes: int = Field(600, ge=0, le=100000, description="few-shot evaluation episodes per shot count "
+                                  "(1 and 5; nearest class mean on the frozen backbone); 0 = off")
+    n_way: int = Field(5, ge=2, le=10, description="N classes of a few-shot evaluation episode")
+    fewshot_query: int = Field(15, ge=1, le=100, description="query images per class of a few-shot episode")
 
 
 class SSLMetaWorkload(Workload):
@@ -58,7 +69,8 @@ class SSLMetaWorkload(Workload):
     name = "ssl-meta"
     description = "meta-learning as self-supervised learning (spec §7): ProtoNet/R2-D2 on augmented views, SimCLR"
     Options = SSLMetaOptions
-    eval_columns = ("linear_acc",)
+    eval_columns = ("linear_acc", "fewshot_acc_1shot", "fewshot_acc_5shot", "fewshot_ci95_1shot",
+                    "fewshot_ci95_5shot")
     default_eval_every = 5
 
     def __init__(self, config: RunConfig) -> None:
@@ -81,13 +93,25 @@ class SSLMetaWorkload(Workload):
         """Load Fashion-MNIST train/test (FileNotFoundError names ``apt-get install dataset-fashion-mnist``).
 
         Raises:
-            ValueError: a client shard smaller than ``--batch-size`` base images.
+            ValueError: a client shard smaller than ``--batch-size`` base images; few-shot evaluation that the
+                first ``linear_test`` test images cannot fill (fewer than ``n_way`` classes, or a class with fewer
+                than ``5 + fewshot_query`` images).
         """
-        self.data("train"), self.data("test")
+        o = self.options
+        self.data("train")
+        _, yte = self.data("test")
         small = min(len(s) for s in self.shards())
         if small < self.config.batch_size:
             raise ValueError(f"num_clients={self.config.num_clients}: a client holds {small} images < batch_size="
                              f"{self.config.batch_size} base images per task")
+        if o.fewshot_episodes:
+            counts = np.bincount(yte[: o.linear_test].numpy())
+            counts = counts[counts > 0]
+            if len(counts) < o.n_way or counts.min() < 5 + o.fewshot_query:
+                raise ValueError(f"few-shot evaluation: the first linear_test={o.linear_test} test images hold "
+                                 f"{len(counts)} classes (need n_way={o.n_way}) with at least {counts.min()} images "
+                                 f"each (need 5 + fewshot_query = {5 + o.fewshot_query}); raise linear_test, lower "
+                                 "fewshot_query or set fewshot_episodes=0")
 
     def shards(self) -> list[np.ndarray]:
         """Training-image indices of every client: a seed permutation cut into ``num_clients`` chunks (cached)."""
@@ -166,13 +190,24 @@ class SSLMetaWorkload(Workload):
 
     def evaluate(self, model: nn.Module, round_num: int) -> dict[str, float]:
         """``linear_acc`` in [0, 1] (:func:`fedaqt.models.ssl.linear_eval` on the frozen backbone's features of
-        ``linear_train`` seed-chosen labeled training images, scored on the first ``linear_test`` test images)."""
+        ``linear_train`` seed-chosen labeled training images, scored on the first ``linear_test`` test images) and,
+        unless ``fewshot_episodes=0``, the few-shot accuracies (fractions in [0, 1]) and CI95 half-widths over those
+        test images' features (see the module docstring)."""
         o = self.options
         xtr, ytr = self.data("train")
         xte, yte = self.data("test")
         rng = np.random.default_rng([self.config.seed, 0x1E])
         itr = torch.from_numpy(rng.choice(len(ytr), size=min(o.linear_train, len(ytr)), replace=False))
         ite = torch.arange(min(o.linear_test, len(yte)))
-        acc = linear_eval(self.features(model, xtr[itr]), ytr[itr], self.features(model, xte[ite]), yte[ite],
-                          o.linear_iters)
-        return {"linear_acc": acc}
+        fte = self.features(model, xte[ite])
+        out = {"linear_acc": linear_eval(self.features(model, xtr[itr]), ytr[itr], fte, yte[ite], o.linear_iters)}
+        if o.fewshot_episodes:
+            lab = yte[ite].numpy()
+            by_class = [np.nonzero(lab == c)[0] for c in np.unique(lab)]
+            for shots in (1, 5):
+                eps = eval_episode_indices(by_class, o.n_way, shots, o.fewshot_query, o.fewshot_episodes,
+                                           np.random.default_rng([self.config.seed, 0xF5, shots]))
+                accs = prototype_accuracies(fte, eps, o.n_way)
+                out[f"fewshot_acc_{shots}shot"] = float(accs.mean())
+                out[f"fewshot_ci95_{shots}shot"] = float(1.96 * accs.std() / np.sqrt(len(accs)))
+        return out
