@@ -143,8 +143,9 @@ def _bn_state(model):
     return [b.clone() for n, b in model.named_buffers() if "running" in n or "num_batches" in n]
 
 
-def test_maxup_selects_the_max_and_recomputes_it_with_grad(glyph_dir):  # noqa: F811
-    wl = _workload(glyph_dir)
+@pytest.mark.parametrize("method", ["protonet", "r2d2", "svm"])  # every head of the fewshot workload (spec §5.2)
+def test_maxup_selects_the_max_and_recomputes_it_with_grad(glyph_dir, method):  # noqa: F811
+    wl = _workload(glyph_dir, method=method)
     torch.manual_seed(0)
     model = wl.build_model()
     for _ in range(3):  # a few steps so the model is not at its symmetric initialization
@@ -165,8 +166,8 @@ def test_maxup_selects_the_max_and_recomputes_it_with_grad(glyph_dir):  # noqa: 
     before = _bn_state(model)
     loss, losses, k = wl.maxup_loss(model, task, list(ep[4]))
     np.testing.assert_allclose(losses, refs, rtol=0, atol=1e-6)
-    assert k == int(np.argmax(refs)) and all(float(loss) >= c - 1e-6 for c in losses)
-    assert float(loss) == pytest.approx(max(losses), abs=1e-6)
+    assert k == int(np.argmax(refs)) and all(float(loss.detach()) >= c - 1e-6 for c in losses)
+    assert float(loss.detach()) == pytest.approx(max(losses), abs=1e-6)
     # BN running stats: exactly those of one train-mode forward of the chosen draw (selection passes left no trace)
     at = ep[4][k].apply(task)
     with torch.no_grad():
