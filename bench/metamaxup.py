@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fewshot import train  # noqa: E402  (bench/fewshot.py: the same central training loop)
 
-from fedaqt.config import RunConfig  # noqa: E402
+from fedaqt.config import ConfigError, RunConfig  # noqa: E402
 from fedaqt.workloads.fewshot import FewShotWorkload  # noqa: E402
 
 from fedaqt.data.augment import TECHNIQUES  # noqa: E402
@@ -126,7 +126,11 @@ def main() -> None:
     rows = []
     for dataset in args.datasets.split(","):
         for arm in arms:
-            wl = make_workload(dataset, args.method, arm, args)
+            try:
+                wl = make_workload(dataset, args.method, arm, args)
+            except ConfigError as exc:  # e.g. drop_channel on 1-channel images
+                print(f"{dataset:8} {arm:18} refused: {exc}", flush=True)
+                continue
             model, t_train = train(wl, args.method, args.steps, args.adam_lr)
             out = wl.evaluate(model, args.steps)
             rows.append({"dataset": dataset, "arm": arm, **out, "train_s": t_train})

@@ -54,7 +54,7 @@ def run(
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help="gradient checkpointing of encoder blocks"),
     num_cpus: Optional[int] = typer.Option(None, help="CPU cores given to Ray"),
     client_num_cpus: Optional[float] = typer.Option(None, help="CPU cores per simulated client"),
-    eval_every: Optional[int] = typer.Option(None, help="evaluate every N rounds and the first and last (0 = workload default: asr 25, others 1)"),
+    eval_every: Optional[int] = typer.Option(None, help="evaluate every N rounds and the first and last (0 = the workload default: asr 25, fewshot 10, ssl-meta 5, others 1)"),
     data_dir: Optional[str] = typer.Option(None, help="workload option data_dir: dataset directory (LibriSpeech layout for asr)"),
     model_size: Optional[str] = typer.Option(None, help="workload option model_size (asr): tiny, small, large"),
     real_eval: Optional[bool] = typer.Option(None, "--real-eval/--no-real-eval", help="workload option real_eval (asr): also evaluate on real recorded speech"),
@@ -112,6 +112,10 @@ def run(
                   f"algorithm={cfg.algorithm} clients={cfg.clients_per_round}/{cfg.num_clients} rounds={cfg.rounds} -> {cfg.out}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from fedaqt.plugins import get_workload_class
+
+    # the workload's first metrics (ASR: loss/WER/CER; fewshot: 1-/5-shot accuracy; ssl-meta: linear_acc ...)
+    metric_names = [c for c in get_workload_class(cfg.workload).eval_columns if "ci95" not in c][:3]
     with Progress(
         TextColumn("[bold blue]round"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"), console=console, transient=False,
@@ -119,8 +123,7 @@ def run(
         task = bar.add_task("rounds", total=cfg.rounds, info="starting Ray...")
 
         def progress(rnd: int, row: dict) -> None:
-            shown = {k: row[k] for k in ("train_loss", "eval_cer", "eval_wer", "eval_accuracy", "eval_accuracy_acc8",
-                                                 "eval_accuracy_acc8_nocyclic") if k in row}
+            shown = {k: row[k] for k in ("train_loss", *metric_names) if k in row}
             bar.update(task, completed=rnd, info=" ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 
         try:

@@ -18,25 +18,43 @@ class FakeGrid:
         self.tamper = tamper  # (partition_id, reply RecordDict) -> RecordDict
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self._pending: dict[str, Message] = {}
 
     def get_node_ids(self):
         return list(self.node_ids)
 
+    def _reply(self, msg):
+        self.sent.append(msg)
+        pid = int(msg.content[CONFIG_KEY][PARTITION_ID])
+        if pid in self.fail_partitions:
+            content = handle_train(_break(msg.content))
+        else:
+            content = handle_train(msg.content)
+        if self.tamper is not None:
+            content = self.tamper(pid, content)
+        reply = Message(content=content, reply_to=msg)
+        self.replies.append(reply)
+        return reply
+
     def send_and_receive(self, messages, timeout=None):
-        replies = []
+        return [self._reply(msg) for msg in messages]
+
+    # the two calls Grid.send_and_receive is made of (the server's streaming path uses them)
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
-            self.sent.append(msg)
-            pid = int(msg.content[CONFIG_KEY][PARTITION_ID])
-            if pid in self.fail_partitions:
-                content = handle_train(_break(msg.content))
-            else:
-                content = handle_train(msg.content)
-            if self.tamper is not None:
-                content = self.tamper(pid, content)
-            reply = Message(content=content, reply_to=msg)
-            replies.append(reply)
-            self.replies.append(reply)
-        return replies
+            mid = f"m{len(self.sent) + len(self._pending)}"
+            msg.metadata.__dict__["_message_id"] = mid
+            self._pending[mid] = msg
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        """Every pending reply at once through :meth:`send_and_receive` (which test subclasses override), in
+        REVERSED send order (arrival order must not matter)."""
+        wanted = [m for m in list(self._pending) if m in set(message_ids)]
+        out = list(self.send_and_receive([self._pending.pop(m) for m in wanted]))
+        return out[::-1]
 
 
 def _break(content):

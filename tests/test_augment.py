@@ -216,6 +216,15 @@ def test_augment_options_are_checked_before_work(glyph_dir):  # noqa: F811
         FewShotWorkload(_cfg(glyph_dir, options={"maxup": 4}))
     with pytest.raises(ConfigError, match="classical"):
         FewShotWorkload(_cfg(glyph_dir, options={"method": "classical", "augment": "q:cutmix"}))
+    with pytest.raises(ConfigError, match="combine x2"):  # two merges in one element: 3 classes -> 1
+        FewShotWorkload(_cfg(glyph_dir, options={"augment": "t:combine+t:combine,q:cutmix", "n_way": 3}))
+    FewShotWorkload(_cfg(glyph_dir, options={"augment": "t:combine+t:combine", "n_way": 4}))  # 4 -> 2: fine
+    with pytest.raises(ConfigError, match="drop_channel"):  # glyphs have one channel
+        FewShotWorkload(_cfg(glyph_dir, options={"augment": "s:drop_channel"}))
+    with pytest.raises(ValueError, match="twice"):
+        parse_augment("k:flip+k:flip")
+    assert parse_augment("q: cutmix + t:rotation ") == [(("query", "cutmix"), ("task", "rotation"))]
+    assert len(parse_augment("k:crop+k:crop")[0]) == 2  # random crops: two different copies, allowed
 
 
 def test_eval_flip_shots_doubles_the_support_with_flipped_features(glyph_dir):  # noqa: F811

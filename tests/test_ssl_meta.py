@@ -113,10 +113,21 @@ def test_rotation_loss_labels_and_overfit():
         opt.step()
     assert float(loss) < 0.5 * first
     # the workload's loss uses exactly those labels: with rot_loss_weight the extra term is CE of the same batch
+    # (eval-mode BatchNorm: the workload's single forward over all views gives per-image outputs then)
+    model.eval()
     batch = (x, torch.arange(4), x.clone(), torch.arange(4))
     base, _ = _workload().loss(model, batch)
     both, _ = wl.loss(model, batch)
     assert float(both - base) == pytest.approx(float(F.cross_entropy(model.rot_head(model(xr)), yr)), abs=1e-5)
+    # views already turned by task rotation (angles): the label is the total quarter turns from upright
+    angles = torch.tensor([1, 0, 2, 3])
+    xt = torch.stack([torch.rot90(x[i], int(angles[i]), dims=(-2, -1)) for i in range(4)])
+    batch = (xt, torch.arange(4), xt.clone(), torch.arange(4), angles)
+    xtr = torch.cat([torch.rot90(xt, r, dims=(-2, -1)) for r in range(4)])
+    want = F.cross_entropy(model.rot_head(model(xtr)), torch.cat([(angles + r) % 4 for r in range(4)]))
+    naive = F.cross_entropy(model.rot_head(model(xtr)), yr)  # labels r only: wrong for turned views
+    got = wl.loss(model, batch)[0] - _workload().loss(model, batch)[0]
+    assert float(got) == pytest.approx(float(want), abs=1e-5) and abs(float(want - naive)) > 1e-3
 
 
 def test_linear_eval_leaves_the_backbone_bitwise_unchanged():
@@ -182,3 +193,19 @@ def test_fewshot_evaluation_of_the_backbone_is_nearest_class_mean():
     assert 0.2 < np.mean(ref) < 1.0  # neither trivial nor perfect: the test can tell rules apart
     out = _workload(linear_test=300, fewshot_episodes=20).evaluate(_workload().build_model(), 1)
     assert 0.2 < out["fewshot_acc_1shot"] <= out["fewshot_acc_5shot"] + 0.1 and out["fewshot_ci95_5shot"] > 0
+
+
+def test_bad_ssl_options_fail_before_work():
+    from fedaqt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size=1"):
+        SSLMetaWorkload(RunConfig(workload="ssl-meta", num_clients=4, batch_size=1, seed=0))
+    for method, opt in (("simclr", {"views_support": 2}), ("protonet", {"tau": 0.1}), ("r2d2", {"normalize": True})):
+        with pytest.raises(ConfigError, match="not used by method"):
+            _workload(method=method, **opt)
+    _workload(method="protonet", normalize=True, tau=0.1)  # used there: accepted
+    from fedaqt.launch.runner import preflight
+
+    with pytest.raises(ConfigError, match="needs a few-shot workload"):  # was an AttributeError traceback
+        preflight(RunConfig(workload="ssl-meta", algorithm="fomaml", strategy="fedsgd", num_clients=4,
+                            clients_per_round=2, batch_size=8, options={"width": 8}))

@@ -168,6 +168,7 @@ class _TaskMixin:
 
     @classmethod
     def max_examples(cls, config: RunConfig, workload: Any, client_id: int) -> int:
+        cls._check_workload(workload, cls.name)
         return int(workload.task_examples()) * max(1, cls.tasks(config))
 
     @classmethod
@@ -287,6 +288,7 @@ class Reptile(_TaskMixin, FedAvg):
 
     @classmethod
     def max_examples(cls, config: RunConfig, workload: Any, client_id: int) -> int:
+        cls._check_workload(workload, cls.name)
         o = cls.parse_options(config)
         return int(o.inner_steps * o.inner_batch)
 
@@ -313,6 +315,7 @@ class ConsensusReptile(_TaskMixin, ClientAlgorithm):
 
     @classmethod
     def max_examples(cls, config: RunConfig, workload: Any, client_id: int) -> int:
+        cls._check_workload(workload, cls.name)
         o = cls.parse_options(config)
         return int(o.tasks_per_client * o.inner_steps * o.inner_batch)
 

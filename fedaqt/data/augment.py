@@ -40,6 +40,8 @@ TECHNIQUES = {
     "task": ("rotation", "mixup", "cutmix", "combine", "erase", "drop_channel"),
     "shot": ("flip", "crop", "randrot", "erase", "selfmix", "solarize"),
 }
+#: techniques without a random parameter: repeating one in an element is refused
+_DETERMINISTIC = ("flip", "solarize")
 _MEDIUM = ("query:cutmix", "query:erase", "support:selfmix", "task:rotation", "query:cutmix+task:rotation",
            "query:erase+task:rotation")
 #: named Meta-MaxUp pools (spec §6.3)
@@ -73,6 +75,7 @@ def parse_augment(spec: str) -> list[Element]:
         items = []
         for item in elem.split("+"):
             mode, sep, tech = item.strip().partition(":")
+            mode, tech = mode.strip(), tech.strip()
             if not sep or mode not in _MODE_ALIASES:
                 raise ValueError(f"augment item {item.strip()!r}: expected MODE:TECHNIQUE with MODE one of "
                                  f"{sorted(_MODE_ALIASES)} (or a named pool {sorted(POOLS)})")
@@ -80,6 +83,9 @@ def parse_augment(spec: str) -> list[Element]:
             if tech not in TECHNIQUES[mode]:
                 raise ValueError(f"augment item {item.strip()!r}: technique {tech!r} is not allowed in {mode} mode; "
                                  f"choose one of {list(TECHNIQUES[mode])}")
+            if (mode, tech) in items and tech in _DETERMINISTIC:
+                raise ValueError(f"augment element {elem.strip()!r}: {mode}:{tech} twice; {tech} has no random "
+                                 "parameter, so the second gives the same images again (or undoes the first)")
             items.append((mode, tech))
         if sum(1 for m, t in items if m == "query" and t in ("cutmix", "mixup")) > 1:
             raise ValueError(f"augment element {elem!r}: at most one label-mixing query technique (cutmix/mixup)")

@@ -16,9 +16,18 @@ def load_rounds(run_dir: str | Path) -> pd.DataFrame:
 
 
 def metric_columns(rounds: pd.DataFrame) -> list[str]:
-    """Evaluation columns present in the run (error rates and accuracies)."""
+    """Evaluation columns present in the run: the workload's own ``eval_columns``, which rounds.csv holds between
+    ``train_loss`` and ``bytes_down`` (:func:`fedaqt.report.rundir.round_columns`; e.g. ssl-meta's ``linear_acc``),
+    plus any ``eval_*`` / ``real_*`` / ``overflow_rate`` column elsewhere; only columns with a value."""
+    from fedaqt.report.rundir import ROUND_HEAD, ROUND_TAIL
+
+    cols = list(rounds.columns)
+    own: list[str] = []
+    if all(c in cols for c in ROUND_HEAD) and ROUND_TAIL[0] in cols:
+        own = cols[cols.index(ROUND_HEAD[-1]) + 1: cols.index(ROUND_TAIL[0])]
     prefs = ("eval_", "real_", "overflow_rate")
-    return [c for c in rounds.columns if c.startswith(prefs) and rounds[c].notna().any() and not c.startswith("overflow_rate_")]
+    named = [c for c in cols if c.startswith(prefs) and not c.startswith("overflow_rate_") and c not in own]
+    return [c for c in own + named if rounds[c].notna().any()]
 
 
 def plot_metrics(rounds: pd.DataFrame, out_path: str | Path, title: str = "") -> Path:
@@ -31,9 +40,11 @@ def plot_metrics(rounds: pd.DataFrame, out_path: str | Path, title: str = "") ->
     cols = metric_columns(rounds)
     families = {
         "error rate": [c for c in cols if c.endswith(("_wer", "_cer"))],
-        "accuracy / overflow": [c for c in cols if "accuracy" in c or c == "overflow_rate"],
+        "accuracy / overflow": [c for c in cols if "acc" in c and "ci95" not in c or c == "overflow_rate"],
         "loss": [c for c in ["train_loss", "eval_loss"] if c in rounds and rounds[c].notna().any()],
     }
+    placed = {c for v in families.values() for c in v}
+    families["other metrics"] = [c for c in cols if c not in placed and "ci95" not in c]
     families = {k: v for k, v in families.items() if v}
     fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 3.6), squeeze=False)
     for ax, (label, columns) in zip(axes[0], families.items()):

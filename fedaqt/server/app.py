@@ -60,6 +60,7 @@ from fedaqt.quant.convert import quantized_weight_keys
 from fedaqt.quant.wire import QTensor, decode_broadcast, record_nbytes
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
 from fedaqt.server.nodes import ActorNodeMap, nodeinfo_of
+from fedaqt.server.stream import WeightedSum, stream_replies
 from fedaqt.workloads.base import Workload
 
 log = logging.getLogger("fedaqt.server")
@@ -81,6 +82,15 @@ def float_state_split(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str
     params = {k: p.detach().cpu().numpy().copy() for k, p in model.named_parameters()}
     buffers = {k: b.detach().cpu().numpy().copy() for k, b in model.named_buffers() if b.is_floating_point()}
     return params, buffers
+
+
+class _Answered:
+    """What the round keeps of a reply once it is folded in: its metadata (``src_node_id``) for the timeout rows."""
+
+    __slots__ = ("metadata",)
+
+    def __init__(self, metadata: Any) -> None:
+        self.metadata = metadata
 
 
 def sample_partitions(seed: int, server_round: int, num_clients: int, clients_per_round: int,
@@ -546,7 +556,10 @@ class Server:
             before = strategy_state(self.strategy)  # restored if the aggregated model is not finite
             if self.secagg is not None:  # SecAgg+: the four stages replace send_and_receive + validation + mean
                 rows, accepted, new_arrays, metrics, new_buffers, byte_row = self.secagg_round(rnd, grid, messages, timeout)
-            else:
+                n_accepted = len(accepted)
+            elif self.trace is None and getattr(self.strategy, "accepts_mean_reply", False):
+                rows, n_accepted, new_arrays, metrics, new_buffers = self.streamed_round(rnd, grid, messages, timeout)
+            else:  # every reply of the round held: the simulated clock, DP's per-client clipping, a robust aggregator
                 replies = list(grid.send_and_receive(messages, timeout=timeout))
                 if self.on_round_end is not None:
                     self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
@@ -563,6 +576,8 @@ class Server:
                 new_buffers = self.mean_buffers(accepted)
                 self.record_nodes(replies, rows)
                 rows = self.record_timeouts(rnd, messages, replies, timeout, rows)
+                n_accepted = len(accepted)
+                del replies, normalized, accepted
             rejected = ""
             if new_arrays is not None:
                 rejected = self.nonfinite_reason(new_arrays, new_buffers)
@@ -579,7 +594,7 @@ class Server:
                 log.warning("round %d: no client update was aggregated; the global model is unchanged", rnd)
             ok = [r for r in rows if r.status == "ok"]
             train_loss = math.nan
-            if accepted:
+            if n_accepted:
                 train_loss = float(sum(r.train_loss * r.num_examples for r in ok) / max(1, sum(r.num_examples for r in ok)))
             row: dict[str, Any] = {
                 "round": rnd,
@@ -587,7 +602,7 @@ class Server:
                 "bytes_down": int(byte_row.pop("bytes_down_override", None)
                                   or sum(record_nbytes(m.content[BROADCAST_KEY]) for m in messages)),
                 "bytes_up": int(byte_row.pop("bytes_up_override", None) or sum(r.bytes_up for r in rows)),
-                "clients_ok": len(accepted),
+                "clients_ok": n_accepted,
                 "clients_sampled": len(messages),
                 "update_rejected": int(bool(rejected)),
             }
@@ -615,6 +630,42 @@ class Server:
                     f"then continue with `fedaqt run --resume {self.run.root}`"
                 )
         return self.finish()
+
+    def streamed_round(self, rnd: int, grid: Any, messages: list[Message], timeout: float) -> tuple[Any, ...]:
+        """One round with streaming aggregation (:mod:`fedaqt.server.stream`): each reply is validated as it arrives,
+        an accepted one folded into order-independent running sums of ``n_k * update`` (parameters and buffer deltas)
+        and its content dropped, so the server holds O(model), not O(clients x model). The strategy then gets the
+        mean as one normalized reply of weight ``sum n_k`` (what its weighted mean of the individual replies would
+        give). Returns (clients.csv rows sorted by (client, node), accepted count, new arrays, metrics, new buffers).
+        """
+        params = WeightedSum(self.spec.param_shapes)
+        buffers = WeightedSum(self.spec.buffer_shapes)
+        rows: list[ClientRow] = []
+        answered: list[Any] = []  # the replies' metadata + node info only (record_nodes / record_timeouts)
+        for msg in stream_replies(grid, messages, timeout):
+            (row,), accepted = self.validate_replies(rnd, [msg])
+            for _, update, n in accepted:
+                params.add(update, n)
+                buffers.add(update, n)
+            del accepted
+            rows.append(row)
+            self.record_nodes([msg], [row])
+            answered.append(_Answered(msg.metadata))
+            del msg  # the update lives on only in the sums
+        if self.on_round_end is not None:
+            self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
+        rows = self.record_timeouts(rnd, messages, answered, timeout, rows)
+        if not params.count:
+            return rows, 0, None, None, dict(self.buffers)
+        keys = list(self.spec.param_shapes)
+        mean = params.mean()
+        reply = protocol.normalized_reply({k: torch.from_numpy(mean[k]) for k in keys}, keys, params.total, 0)
+        new_arrays, metrics = self.strategy.aggregate_train(rnd, [reply])
+        new_buffers = dict(self.buffers)
+        if buffers.shapes:
+            bmean = buffers.mean()
+            new_buffers = {k: (self.buffers[k] + bmean[k]).astype(self.buffers[k].dtype) for k in self.spec.buffer_shapes}
+        return rows, params.count, new_arrays, metrics, new_buffers
 
     def secagg_round(self, rnd: int, grid: Any, messages: list[Message], timeout: float) -> tuple[Any, ...]:
         """One round through SecAgg+ (:class:`fedaqt.server.secagg.SecAggRound`): returns (clients.csv rows, the

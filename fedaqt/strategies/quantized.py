@@ -158,6 +158,14 @@ class QuantizedMixin:
                         message_type=MessageType.TRAIN) for msg in messages]
 
     # ------------------------------------------------------------------ aggregation
+    @property
+    def accepts_mean_reply(self) -> bool:
+        """True when :meth:`aggregate_train` only needs the weighted mean of the replies, so the server may stream:
+        fold every reply into a running sum as it arrives and hand in one normalized reply of weight ``sum n_k``
+        (:mod:`fedaqt.server.stream`). False for a subclass that overrides ``aggregate_train`` (a robust aggregator
+        such as a median needs every reply); such a subclass may set it back to True if it only needs the mean."""
+        return type(self).aggregate_train is QuantizedMixin.aggregate_train
+
     def correct_mean_update(self, server_round: int, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook applied to the weighted-mean update before the server optimizer step (identity here)."""
         return mean

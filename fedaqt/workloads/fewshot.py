@@ -163,8 +163,13 @@ class FewShotWorkload(Workload):
                               "unrotated pairs, where one base class can be two labels); use auto or per_class")
         #: episodes drawn from the expanded (class, angle) pool (:func:`sample_rotation_episode`)
         self.expanded_rotation = all_rotate and o.rotation_pool != "per_class"
-        if o.n_way < 3 and any(t == "combine" for e in self.aug_pool for _, t in e):
-            raise ConfigError(f"options.augment task:combine needs n_way >= 3 (got n_way={o.n_way})")
+        combines = max((sum(1 for _, t in e if t == "combine") for e in self.aug_pool), default=0)
+        if combines and o.n_way - combines < 2:
+            raise ConfigError(f"options.augment: an element with task:combine x{combines} merges {o.n_way} classes "
+                              f"into {o.n_way - combines}; it needs n_way >= {combines + 2} (got n_way={o.n_way})")
+        if _CHANNELS[o.dataset] == 1 and any(t == "drop_channel" for e in self.aug_pool for _, t in e):
+            raise ConfigError(f"options.augment drop_channel on {o.dataset} (1 channel) would blank whole images; it "
+                              "needs colour data (cifarfs, miniimagenet)")
         if o.eval_flip_shots and self.method == "maml" and o.eval_adapt == "full":
             raise ConfigError("options.eval_flip_shots works on frozen features; it is not available with "
                               "eval_adapt=full")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fedaqt.config import RunConfig
+from fedaqt.config import ConfigError, RunConfig
 from fedaqt.data.images import load_fashion_mnist
 from fedaqt.data import views
 from fedaqt.data.fewshot import eval_episode_indices
@@ -73,8 +73,24 @@ class SSLMetaWorkload(Workload):
                     "fewshot_ci95_5shot")
     default_eval_every = 5
 
+    #: options each method reads beyond the common ones: an explicitly set option the method ignores is refused
+    _METHOD_OPTIONS = {"protonet": {"views_support", "views_query", "normalize", "tau"},
+                       "r2d2": {"views_support", "views_query", "r2d2_lambda"},
+                       "simclr": {"tau"}}
+
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
+        o = self.options
+        if config.batch_size < 2:
+            raise ConfigError(f"batch_size={config.batch_size}: an SSL task needs b >= 2 base images (with one, every "
+                              "view has the same label and the loss is 0)")
+        method_only = set().union(*self._METHOD_OPTIONS.values())
+        ignored = sorted(k for k in (config.options or {}) if k in method_only - self._METHOD_OPTIONS[o.method])
+        if o.method == "protonet" and not o.normalize and "tau" in (config.options or {}):
+            ignored.append("tau (protonet uses it only with normalize=true)")
+        if ignored:
+            raise ConfigError(f"options {ignored} are not used by method={o.method!r}; drop them (simclr: 1+1 views, "
+                              "tau; protonet: views, normalize, tau; r2d2: views, r2d2_lambda)")
         self._train = None
         self._test = None
         self._shards: list[np.ndarray] | None = None
@@ -98,8 +114,11 @@ class SSLMetaWorkload(Workload):
                 than ``5 + fewshot_query`` images).
         """
         o = self.options
-        self.data("train")
+        ntr, nte = len(self.data("train")[1]), len(self.data("test")[1])
         _, yte = self.data("test")
+        if o.linear_train > ntr or o.linear_test > nte:
+            raise ValueError(f"linear_train={o.linear_train} / linear_test={o.linear_test} exceed the {ntr} training / "
+                             f"{nte} test images")
         small = min(len(s) for s in self.shards())
         if small < self.config.batch_size:
             raise ValueError(f"num_clients={self.config.num_clients}: a client holds {small} images < batch_size="
@@ -153,29 +172,38 @@ class SSLMetaWorkload(Workload):
             idx = rng.choice(shard, size=min(batch_size, len(shard)), replace=False)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             m_s, m_q = (1, 1) if o.method == "simclr" else (o.views_support, o.views_query)
-            xs, ys, xq, yq, _ = views.ssl_episode(self.to_input(self.data("train")[0][torch.from_numpy(idx)]), m_s, m_q, gen, o.task_rotation)
-            out.append((xs, ys, xq, yq))
+            xs, ys, xq, yq, angles = views.ssl_episode(self.to_input(self.data("train")[0][torch.from_numpy(idx)]),
+                                                       m_s, m_q, gen, o.task_rotation)
+            out.append((xs, ys, xq, yq, angles))
         return out
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
-        """SSL loss of one task (spec §7.1 step 6: query CE against the base-image index; simclr: NT-Xent) plus
-        ``rot_loss_weight * CE`` of the 4-way rotation head on all 4 rotations of the first ``rot_fraction`` of the
-        support views (§7.3); weight b (base images)."""
+        """SSL loss of one task ``(x_s, y_s, x_q, y_q, angles)`` (:meth:`client_batches`; spec §7.1 step 6: query
+        CE against the base-image index; simclr: NT-Xent) plus ``rot_loss_weight * CE`` of the 4-way rotation head on
+        all 4 rotations ``r`` of the first ``rot_fraction`` of the support views (§7.3), labelled by the view's total
+        quarter turns from the upright image, ``(angles[base] + r) mod 4`` (task rotation already turned it by
+        ``angles[base]``); weight b (base images).
+
+        One forward of the model over all views and rotated copies (BatchNorm statistics over all of them): a
+        second forward of the same quantized layers inside one graph would see their codes re-quantized in place
+        by FedAvg's step during backward."""
         o = self.options
-        xs, ys, xq, yq = batch
+        xs, ys, xq, yq = batch[:4]
+        angles = batch[4] if len(batch) > 4 else torch.zeros(int(ys.max()) + 1, dtype=torch.int64)
         b = int(ys.max()) + 1
-        z = model(torch.cat([xs, xq]))
-        zs, zq = z[: len(ys)], z[len(ys):]
+        parts = [xs, xq]
+        if o.rot_loss_weight:
+            k = max(1, int(round(o.rot_fraction * len(xs))))
+            parts += [torch.rot90(xs[:k], r, dims=(-2, -1)) for r in range(4)]
+            yr = torch.cat([(angles[ys[:k]] + r) % 4 for r in range(4)])
+        z = model(torch.cat(parts))
+        zs, zq = z[: len(ys)], z[len(ys): len(ys) + len(yq)]
         if o.method == "simclr":
             loss = nt_xent(zs, zq, o.tau)
         else:
             loss = F.cross_entropy(ssl_logits(zs, ys, zq, b, o.method, o.normalize, o.tau, o.r2d2_lambda), yq)
         if o.rot_loss_weight:
-            k = max(1, int(round(o.rot_fraction * len(xs))))
-            x = xs[:k]
-            xr = torch.cat([torch.rot90(x, r, dims=(-2, -1)) for r in range(4)])
-            yr = torch.arange(4).repeat_interleave(k)
-            loss = loss + o.rot_loss_weight * F.cross_entropy(model.rot_head(model(xr)), yr)
+            loss = loss + o.rot_loss_weight * F.cross_entropy(model.rot_head(z[len(ys) + len(yq):]), yr)
         return loss, int(b)
 
     @torch.no_grad()
