@@ -37,7 +37,7 @@ SPEECH = ROOT / "data" / "speech"
 #: 4 rounds, 2 CPUs -> 2 concurrent Ray client workers
 ASR_ARGS = ["--preset", "smoke", "--rounds", "4", "--num-cpus", "2", "--seed", "0"]
 #: wall-clock / process columns excluded from comparisons
-WALL_CLOCK = {"seconds"}
+WALL_CLOCK = {"seconds", "server_rss_peak_mib"}
 CLIENT_SCHEDULE = ["round", "client_id", "status", "num_examples", "train_loss", "bytes_up"]
 
 

@@ -147,6 +147,10 @@ def _reset_vmhwm() -> bool:
         return False
 
 
+#: public names (the server records its own round peak: rounds.csv ``server_rss_peak_mib``)
+read_vmhwm_kib, reset_vmhwm = _read_vmhwm_kib, _reset_vmhwm
+
+
 def _ru_maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024

@@ -389,7 +389,10 @@ def _run(config: RunConfig, run: RunDir, progress: Any, resume: bool, done: int)
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
-                num_supernodes=config.num_clients,
+                # one SuperNode per client of a round, not per client of the population: the server assigns every
+                # message its data partition (fedaqt.protocol.assign_partition), so a node is just a slot, and a
+                # 10,000-client population costs Flower no 10,000 node records (issue 16)
+                num_supernodes=min(config.num_clients, config.clients_per_round),
                 backend_config=backend_config(config),
             )
     except KeyboardInterrupt:

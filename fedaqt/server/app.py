@@ -61,6 +61,7 @@ from fedaqt.quant.wire import QTensor, decode_broadcast, record_nbytes
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
 from fedaqt.server.nodes import ActorNodeMap, nodeinfo_of
 from fedaqt.server.stream import WeightedSum, stream_replies
+from fedaqt.client.memory import read_vmhwm_kib, reset_vmhwm
 from fedaqt.workloads.base import Workload
 
 log = logging.getLogger("fedaqt.server")
@@ -550,6 +551,7 @@ class Server:
         train_config = protocol.train_config(cfg.to_dict())
         for rnd in range(self.start_round, cfg.rounds + 1):
             t0 = time.perf_counter()
+            hwm_reset = reset_vmhwm()  # this process's RSS high-water mark, from here to the end of the round
             messages = self.configure_round(rnd, grid, train_config)
             sim_row: dict[str, Any] = {}
             byte_row: dict[str, Any] = {}
@@ -557,7 +559,7 @@ class Server:
             if self.secagg is not None:  # SecAgg+: the four stages replace send_and_receive + validation + mean
                 rows, accepted, new_arrays, metrics, new_buffers, byte_row = self.secagg_round(rnd, grid, messages, timeout)
                 n_accepted = len(accepted)
-            elif self.trace is None and getattr(self.strategy, "accepts_mean_reply", False):
+            elif core.stream_aggregation and self.trace is None and getattr(self.strategy, "accepts_mean_reply", False):
                 rows, n_accepted, new_arrays, metrics, new_buffers = self.streamed_round(rnd, grid, messages, timeout)
             else:  # every reply of the round held: the simulated clock, DP's per-client clipping, a robust aggregator
                 replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -615,6 +617,10 @@ class Server:
             if self.should_evaluate(rnd):
                 row.update(self.evaluate(rnd))
             row["seconds"] = time.perf_counter() - t0
+            hwm = read_vmhwm_kib() if hwm_reset else None
+            # the driver's (this process's) peak RSS in the round: server, Flower's in-memory state and, in a Ray
+            # simulation, the simulation engine's threads (the clients run in other processes)
+            row["server_rss_peak_mib"] = hwm / 1024 if hwm is not None else math.nan
             self.run.rounds.append([row])
             self.run.clients.append([r.as_dict() for r in rows])
             self.save_checkpoint(rnd)
