@@ -79,6 +79,16 @@ class Episode:
     classes: np.ndarray
 
 
+def _episode(pool: ClassPool, s_idx: list, q_idx: list, n_way: int, k_shot: int, q_query: int,
+             classes: np.ndarray) -> Episode:
+    """The class-major Episode of per-class support / query index arrays (labels ``0..N-1`` in list order)."""
+    s = np.concatenate(s_idx)
+    q = np.concatenate(q_idx) if q_query else np.zeros(0, np.int64)
+    ys = torch.arange(n_way).repeat_interleave(k_shot)
+    yq = torch.arange(n_way).repeat_interleave(q_query)
+    return Episode(pool.images[s], ys, pool.images[q], yq, classes)
+
+
 def sample_episode(pool: ClassPool, n_way: int, k_shot: int, q_query: int, rng: np.random.Generator,
                    classes: Optional[np.ndarray] = None) -> Episode:
     """Sample one episode (spec §5.1): N distinct classes, K + Q distinct images per class without replacement,
@@ -108,11 +118,7 @@ def sample_episode(pool: ClassPool, n_way: int, k_shot: int, q_query: int, rng: 
         pick = rng.choice(members, size=k_shot + q_query, replace=False)
         s_idx.append(pick[:k_shot])
         q_idx.append(pick[k_shot:])
-    s = np.concatenate(s_idx)
-    q = np.concatenate(q_idx) if q_query else np.zeros(0, np.int64)
-    ys = torch.arange(n_way).repeat_interleave(k_shot)
-    yq = torch.arange(n_way).repeat_interleave(q_query)
-    return Episode(pool.images[s], ys, pool.images[q], yq, chosen)
+    return _episode(pool, s_idx, q_idx, n_way, k_shot, q_query, chosen)
 
 
 def sample_rotation_episode(pool: ClassPool, n_way: int, k_shot: int, q_query: int, rng: np.random.Generator,
@@ -152,11 +158,7 @@ def sample_rotation_episode(pool: ClassPool, n_way: int, k_shot: int, q_query: i
         angles.append(p % 4)
         s_idx.append(pick[:k_shot])
         q_idx.append(pick[k_shot:])
-    s = np.concatenate(s_idx)
-    q = np.concatenate(q_idx) if q_query else np.zeros(0, np.int64)
-    ys = torch.arange(n_way).repeat_interleave(k_shot)
-    yq = torch.arange(n_way).repeat_interleave(q_query)
-    return Episode(pool.images[s], ys, pool.images[q], yq, np.asarray(bases)), np.asarray(angles, dtype=np.int64)
+    return _episode(pool, s_idx, q_idx, n_way, k_shot, q_query, np.asarray(bases)), np.asarray(angles, dtype=np.int64)
 
 
 def eval_episode_indices(by_class: list[np.ndarray], n_way: int, shots: int, queries: int, episodes: int,
