@@ -62,10 +62,6 @@ class CoreOptions(BaseOptions):
     """Options that fedaqt's server and clients read whatever the workload, strategy and algorithm."""
 
     round_timeout: float = Field(3600.0, gt=0, description="seconds the server waits for a round's replies")
-    stream_aggregation: bool = Field(
-        True, description="fold each reply into an order-independent running sum as it arrives (server memory "
-                          "O(model)); false = hold every reply until the round ends (used anyway with DP, a device "
-                          "trace, or a strategy that overrides aggregate_train)")
     max_nonfinite_rounds: int = Field(
         3, ge=1, description="rounds whose aggregated model may be non-finite (skipped) before the run stops"
     )
@@ -99,6 +95,10 @@ class CoreOptions(BaseOptions):
                                                           "headroom x max|previous round's mean| / 127")
     secagg_scale_init: float = Field(0.05, gt=0, le=1e3, description="SecAgg+ at --uplink-bits 8: element range of every "
                                                              "tensor in round 1 (shared scale = value / 127)")
+    stream_aggregation: bool = Field(
+        True, description="fold each reply into an order-independent running sum as it arrives (server memory "
+                          "O(model)); false = hold every reply until the round ends (used anyway with a device "
+                          "trace or a strategy that overrides aggregate_train)")
 
     @field_validator("secagg_num_shares")
     @classmethod

@@ -561,7 +561,7 @@ class Server:
                 n_accepted = len(accepted)
             elif core.stream_aggregation and self.trace is None and getattr(self.strategy, "accepts_mean_reply", False):
                 rows, n_accepted, new_arrays, metrics, new_buffers = self.streamed_round(rnd, grid, messages, timeout)
-            else:  # every reply of the round held: the simulated clock, DP's per-client clipping, a robust aggregator
+            else:  # every reply of the round held: the simulated clock, a robust aggregator, stream_aggregation=false
                 replies = list(grid.send_and_receive(messages, timeout=timeout))
                 if self.on_round_end is not None:
                     self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
@@ -646,13 +646,22 @@ class Server:
         """
         params = WeightedSum(self.spec.param_shapes)
         buffers = WeightedSum(self.spec.buffer_shapes)
+        keys = list(self.spec.param_shapes)
+        clip = getattr(self.strategy, "clip_update", None)  # central DP: each update clipped before it is summed
+        clipped, max_n = 0, 0
         rows: list[ClientRow] = []
         answered: list[Any] = []  # the replies' metadata + node info only (record_nodes / record_timeouts)
         for msg in stream_replies(grid, messages, timeout):
             (row,), accepted = self.validate_replies(rnd, [msg])
             for _, update, n in accepted:
-                params.add(update, n)
-                buffers.add(update, n)
+                if clip is not None:
+                    clipped_update, was_clipped = clip(update, keys)
+                    clipped += int(was_clipped)
+                    params.add(clipped_update, n)
+                else:
+                    params.add(update, n)
+                buffers.add(update, n)  # buffers are not clipped (fedaqt.strategies.dp: not covered by ε)
+                max_n = max(max_n, int(n))
             del accepted
             rows.append(row)
             self.record_nodes([msg], [row])
@@ -663,10 +672,13 @@ class Server:
         rows = self.record_timeouts(rnd, messages, answered, timeout, rows)
         if not params.count:
             return rows, 0, None, None, dict(self.buffers)
-        keys = list(self.spec.param_shapes)
         mean = params.mean()
         reply = protocol.normalized_reply({k: torch.from_numpy(mean[k]) for k in keys}, keys, params.total, 0)
-        new_arrays, metrics = self.strategy.aggregate_train(rnd, [reply])
+        if hasattr(self.strategy, "aggregate_streamed"):
+            new_arrays, metrics = self.strategy.aggregate_streamed(rnd, reply, max_n, params.total, clipped,
+                                                                    params.count)
+        else:
+            new_arrays, metrics = self.strategy.aggregate_train(rnd, [reply])
         new_buffers = dict(self.buffers)
         if buffers.shapes:
             bmean = buffers.mean()

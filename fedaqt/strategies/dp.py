@@ -8,6 +8,9 @@
 1. ``configure_train`` is the wrapped strategy's: Flower's node sampling and the quantized broadcast are unchanged;
 2. the round loop still validates every reply (:func:`fedaqt.protocol.validate_reply`) and hands only the accepted,
    normalized replies (float32 parameter *updates*: FedSGD gradients or FedAvg deltas) to ``aggregate_train``;
+   with streaming aggregation (the default, :mod:`fedaqt.server.stream`) it clips each accepted update as it
+   arrives (:meth:`QuantizedDPFixedClipping.clip_update`), sums it and hands the clipped mean to
+   :meth:`~QuantizedDPFixedClipping.aggregate_streamed`: the same steps 3-5 without holding the replies;
 3. Flower's ``validate_replies`` (errors / count), then each client's update is clipped to L2 norm ``C = dp_clip``
    over all its parameter tensors (Flower's ``clip_inputs_inplace``: ``u * min(1, C / ||u||)``). Flower's own
    wrapper clips ``reply - current_model``; fedaqt's replies already are the update, so it clips the reply itself;
@@ -99,6 +102,21 @@ class QuantizedDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         """The wrapped strategy's messages (its sampling and quantized broadcast)."""
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
+    def clip_update(self, update: Any, keys: Iterable[str]) -> tuple[dict[str, np.ndarray], bool]:
+        """One client's update clipped to L2 norm ``C`` over all ``keys`` together (Flower's ``get_norm`` /
+        ``clip_inputs_inplace``: ``u * C / ||u||`` when ``||u|| > C``): ``({key: float32 array}, clipped)``."""
+        keys = list(keys)
+        arrs = [np.array(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float32, copy=True)
+                for v in (update[k] for k in keys)]
+        clipped = bool(get_norm(arrs) > self.clipping_norm)
+        if clipped:
+            clip_inputs_inplace(arrs, self.clipping_norm)  # Flower's FlatClip: u * C / ||u||
+        return dict(zip(keys, arrs)), clipped
+
+    #: the server may stream (fedaqt.server.stream): it clips every accepted reply with :meth:`clip_update` as it
+    #: arrives, folds it into the running sum and calls :meth:`aggregate_streamed` with the mean
+    accepts_mean_reply = True
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip each normalized reply's update, aggregate with noise on the mean (module docstring)."""
         replies = list(replies)
@@ -108,16 +126,26 @@ class QuantizedDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         weights = []
         for msg in replies:
             record = msg.content.array_records[UPDATE_KEY]
-            keys = list(record.keys())
-            update = [np.array(record[k].numpy(), dtype=np.float32, copy=True) for k in keys]
-            if get_norm(update) > self.clipping_norm:
-                clip_inputs_inplace(update, self.clipping_norm)  # Flower's FlatClip: u * C / ||u||
-                clipped += 1
-            msg.content[UPDATE_KEY] = ArrayRecord({k: Array(v) for k, v in zip(keys, update)})
+            update, was_clipped = self.clip_update({k: record[k] for k in record.keys()}, record.keys())
+            clipped += int(was_clipped)
+            msg.content[UPDATE_KEY] = ArrayRecord({k: Array(v) for k, v in update.items()})
             weights.append(float(msg.content.metric_records[METRICS_KEY][NUM_EXAMPLES]))
+        return self._noisy_step(server_round, replies, max(weights), sum(weights), clipped, len(replies))
+
+    def aggregate_streamed(self, server_round: int, mean_reply: Message, max_weight: float, total: float,
+                           clipped: int, count: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The streamed round's step: ``mean_reply`` (normalized, weight ``total``) is the weighted mean of the
+        ``count`` accepted updates, each clipped by :meth:`clip_update` (``clipped`` of them scaled down);
+        ``max_weight`` = the largest ``n_k``. Same noise, step and metrics as :meth:`aggregate_train`."""
+        if count < 1:
+            return None, None
+        return self._noisy_step(server_round, [mean_reply], max_weight, total, clipped, count)
+
+    def _noisy_step(self, server_round: int, replies: list[Message], max_weight: float, total: float, clipped: int,
+                    count: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
         std = 0.0
         if self.noise_multiplier > 0:
-            std = float(self.noise_multiplier * self.clipping_norm * max(weights) / sum(weights))
+            std = float(self.noise_multiplier * self.clipping_norm * max_weight / total)
         self.strategy.mean_noise = (std, np.random.default_rng([self.seed, 0xD9, int(server_round)]))
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
@@ -125,7 +153,7 @@ class QuantizedDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             self.strategy.mean_noise = None
         eps = rdp_epsilon(self.noise_multiplier, self.sample_rate, int(server_round), self.delta)
         out = dict(metrics.items()) if metrics is not None else {}
-        out.update({"dp_epsilon": eps, "dp_clipped": clipped / len(replies), "dp_noise_std": std})
+        out.update({"dp_epsilon": eps, "dp_clipped": clipped / count, "dp_noise_std": std})
         return arrays, MetricRecord(out)
 
 
