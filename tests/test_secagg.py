@@ -44,7 +44,7 @@ W = 6  # batch_size = max_weight: the toy clients' batches are 2, 3, 5 examples
 
 
 def _cfg(tmp_path, name, uplink=32, secagg=True, strategy="fedsgd", **opts) -> RunConfig:
-    options = {"secagg": True, **opts} if secagg else {}
+    options = {"secagg": True, **opts} if secagg else dict(opts)
     return RunConfig(workload="toy", strategy=strategy, bits=8, uplink_bits=uplink, num_clients=3, clients_per_round=3,
                      rounds=1, batch_size=W, eval_every=1, seed=3, server_lr=0.5, out=str(tmp_path / name),
                      options=options)
@@ -69,7 +69,9 @@ def _run(cfg: RunConfig, grid) -> tuple[Server, list[list[tuple[dict[str, np.nda
 
 def _plain_updates(tmp_path, strategy="fedsgd"):
     """The clients' float32 updates of round 1 (partition order) from a plain run of the same seed."""
-    server, seen = _run(_cfg(tmp_path, f"plain-{strategy}", 32, secagg=False, strategy=strategy), FakeGrid(3))
+    # held replies: the spy on aggregate_train sees every client's update (streaming would hand it only the mean)
+    server, seen = _run(_cfg(tmp_path, f"plain-{strategy}", 32, secagg=False, strategy=strategy,
+                             stream_aggregation=False), FakeGrid(3))
     ups = seen[0]
     assert [n for _, n in ups] == list(BATCH_SIZES[:3])
     return server, ups

@@ -74,7 +74,8 @@ class WeightedSum:
         """``{key: S / N}`` float64 (``ValueError`` when nothing was added)."""
         if self.total <= 0:
             raise ValueError("no update was added")
-        return {k: (self.hi[k] + self.lo[k]) / self.total for k in self.hi}
+        # np.asarray: a 0-d key's arithmetic gives a numpy scalar, callers need an array (torch.from_numpy)
+        return {k: np.asarray((self.hi[k] + self.lo[k]) / self.total, dtype=np.float64) for k in self.hi}
 
 
 def stream_replies(grid: Any, messages: list[Any], timeout: float,

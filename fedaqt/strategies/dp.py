@@ -89,7 +89,7 @@ class QuantizedDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         self.delta = float(delta)
         self.seed = int(seed)
 
-    # the server's contract: configure_train, aggregate_train, state_dict, load_state_dict
+    # the server's contract: configure_train, aggregate_train, state_dict, load_state_dict (+ the streaming hooks below)
     def state_dict(self) -> dict[str, Any]:
         """The wrapped strategy's state (the DP wrapper keeps none: ε is a function of the round, the noise of
         ``(seed, round)``)."""
