@@ -64,3 +64,10 @@ def markdown(df, floatfmt: str = ".3f", index: bool = False) -> str:
     from tabulate import tabulate
 
     return tabulate(df, headers="keys", tablefmt="github", floatfmt=floatfmt, showindex=index)
+
+
+def write_json(path: str, rows: list) -> None:
+    """Write a benchmark's rows to ``path`` (JSON, parent directories created); nothing when ``path`` is ''."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rows, indent=1))

@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import time
 
 import torch
+from common import write_json  # bench/common.py (the script's folder is on sys.path)
 import torch.nn.functional as F
 
 from fedaqt.config import RunConfig
@@ -152,10 +151,7 @@ def main() -> None:
             print(f"{dataset:8} {method:14} {100 * out['eval_acc_1shot']:8.2f} ± {100 * out['eval_ci95_1shot']:5.2f}%"
                   f" {100 * out['eval_acc_5shot']:8.2f} ± {100 * out['eval_ci95_5shot']:5.2f}% {out['r_fc']:8.3f} "
                   f"{out['r_hv']:6.3f} {t_train:8.1f} {t_eval:7.1f}", flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ Prints the table (``--json`` writes it); asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_json  # noqa: E402
 from fewshot import train  # noqa: E402  (bench/fewshot.py: the same central training loop)
 
 from fedaqt.config import ConfigError, RunConfig  # noqa: E402
@@ -151,10 +151,7 @@ def main() -> None:
             for r in rows:
                 if r["dataset"] == dataset and r["arm"] in ("+DA", "maxup-medium-4"):
                     print(_line(dataset, r["arm"], r, r["train_s"]))
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from common import write_json  # bench/common.py (the script's folder is on sys.path)
 
 FEDAQT = [str(Path(sys.executable).parent / "fedaqt")]  # the venv's console script
 
@@ -110,10 +111,7 @@ def main() -> None:
             print(f"{pop:11d} {r['update_mib']:10.2f} {r['peak_mib']:12.1f} {r['clients_ok']:4d}/{r['clients_sampled']:<4d}",
                   flush=True)
         print(f"population {pops[1]} vs {pops[0]}: {got[1]['peak_mib'] / got[0]['peak_mib']:.3f}x driver peak", flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ Usage: ``python bench/ssl_meta.py [--quick] [--arms ...]``. Needs ``apt-get inst
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
+from common import write_json  # bench/common.py (the script's folder is on sys.path)
 
 from fedaqt.config import RunConfig
 from fedaqt.workloads.ssl_meta import SSLMetaWorkload
@@ -82,10 +82,7 @@ def main() -> None:
         print(f"{arm:18} {100 * out['linear_acc']:9.2f}% {100 * out['fewshot_acc_1shot']:7.2f} ± "
               f"{100 * out['fewshot_ci95_1shot']:4.2f}% {100 * out['fewshot_acc_5shot']:7.2f} ± "
               f"{100 * out['fewshot_ci95_5shot']:4.2f}% {t_train:8.1f}", flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

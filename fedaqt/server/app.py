@@ -52,6 +52,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedaqt import protocol
+from fedaqt.client.memory import read_vmhwm_kib, reset_vmhwm
 from fedaqt.config import RESUME_OVERRIDABLE, RunConfig, migrate_legacy
 from fedaqt.options import CoreOptions, core_options
 from fedaqt.plugins import get_algorithm_class, get_strategy_plugin, get_workload_class
@@ -61,7 +62,6 @@ from fedaqt.quant.wire import QTensor, decode_broadcast, record_nbytes
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
 from fedaqt.server.nodes import ActorNodeMap, nodeinfo_of
 from fedaqt.server.stream import WeightedSum, stream_replies
-from fedaqt.client.memory import read_vmhwm_kib, reset_vmhwm
 from fedaqt.workloads.base import Workload
 
 log = logging.getLogger("fedaqt.server")
@@ -83,15 +83,6 @@ def float_state_split(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str
     params = {k: p.detach().cpu().numpy().copy() for k, p in model.named_parameters()}
     buffers = {k: b.detach().cpu().numpy().copy() for k, b in model.named_buffers() if b.is_floating_point()}
     return params, buffers
-
-
-class _Answered:
-    """What the round keeps of a reply once it is folded in: its metadata (``src_node_id``) for the timeout rows."""
-
-    __slots__ = ("metadata",)
-
-    def __init__(self, metadata: Any) -> None:
-        self.metadata = metadata
 
 
 def sample_partitions(seed: int, server_round: int, num_clients: int, clients_per_round: int,
@@ -577,7 +568,7 @@ class Server:
                 new_arrays, metrics = self.strategy.aggregate_train(rnd, normalized)
                 new_buffers = self.mean_buffers(accepted)
                 self.record_nodes(replies, rows)
-                rows = self.record_timeouts(rnd, messages, replies, timeout, rows)
+                rows = self.record_timeouts(rnd, messages, {int(m.metadata.src_node_id) for m in replies}, timeout, rows)
                 n_accepted = len(accepted)
                 del replies, normalized, accepted
             rejected = ""
@@ -650,7 +641,7 @@ class Server:
         clip = getattr(self.strategy, "clip_update", None)  # central DP: each update clipped before it is summed
         clipped, max_n = 0, 0
         rows: list[ClientRow] = []
-        answered: list[Any] = []  # the replies' metadata + node info only (record_nodes / record_timeouts)
+        answered: set[int] = set()  # the nodes that replied (record_timeouts)
         for msg in stream_replies(grid, messages, timeout):
             (row,), accepted = self.validate_replies(rnd, [msg])
             for _, update, n in accepted:
@@ -665,7 +656,7 @@ class Server:
             del accepted
             rows.append(row)
             self.record_nodes([msg], [row])
-            answered.append(_Answered(msg.metadata))
+            answered.add(int(msg.metadata.src_node_id))
             del msg  # the update lives on only in the sums
         if self.on_round_end is not None:
             self.on_round_end()  # the launcher's hook (Ray backend: kill what this round still runs, timeouts)
@@ -679,10 +670,8 @@ class Server:
                                                                     params.count)
         else:
             new_arrays, metrics = self.strategy.aggregate_train(rnd, [reply])
-        new_buffers = dict(self.buffers)
-        if buffers.shapes:
-            bmean = buffers.mean()
-            new_buffers = {k: (self.buffers[k] + bmean[k]).astype(self.buffers[k].dtype) for k in self.spec.buffer_shapes}
+        bmean = buffers.mean() if buffers.shapes else {}
+        new_buffers = {k: (v + bmean[k]).astype(v.dtype) if k in bmean else v for k, v in self.buffers.items()}
         return rows, params.count, new_arrays, metrics, new_buffers
 
     def secagg_round(self, rnd: int, grid: Any, messages: list[Message], timeout: float) -> tuple[Any, ...]:
@@ -775,10 +764,10 @@ class Server:
                 return f"buffer {k}: not finite"
         return ""
 
-    def record_timeouts(self, rnd: int, messages: list[Any], replies: list[Any], timeout: float,
+    def record_timeouts(self, rnd: int, messages: list[Any], answered: set[int], timeout: float,
                         rows: list[ClientRow]) -> list[ClientRow]:
-        """``rows`` plus a ``timeout`` row for every message without a reply, sorted by (client_id, node_id)."""
-        answered = {int(m.metadata.src_node_id) for m in replies}
+        """``rows`` plus a ``timeout`` row for every message whose node is not in ``answered`` (the nodes that
+        replied), sorted by (client_id, node_id)."""
         rows = list(rows)
         for msg in messages:
             node = int(msg.metadata.dst_node_id)
