@@ -200,3 +200,43 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted():
     summary = json.loads((out / "summary.json").read_text())
     for key in ("rounds_completed", "final_eval_loss", "final_eval_cer", "final_eval_wer", "total_bytes_up"):
         assert summary[key] == ref_summary[key], key
+
+
+def test_checkpoint_write_failure_is_raised_not_lost(tmp_path, monkeypatch):
+    """Checkpoints are written on a background thread (issue 16): a failed write (disk full) must stop the run
+    with that error, and the checkpoint on disk stays the last one written."""
+    import fedaqt.server.app as server_app
+
+    real_save = server_app.torch.save
+
+    def save(obj, path, *a, **kw):
+        if isinstance(obj, dict) and obj.get("round") == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(server_app.torch, "save", save)
+    server = Server(toy_config(tmp_path, "fedadam"), tmp_path)
+    with pytest.raises(OSError, match="No space left"):
+        server.run_rounds(FakeGrid(6))
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["round"] == 2
+
+
+def test_background_checkpoints_land_in_order_before_run_rounds_returns(tmp_path, monkeypatch):
+    """Slow writes overlap the next rounds but never each other, land in round order, and the last round's
+    checkpoint is on disk when run_rounds returns."""
+    log: list[tuple[int, float, float]] = []
+    real = Server._write_checkpoint
+
+    def slow(self, ckpt, rnd):
+        t0 = time.perf_counter()
+        time.sleep(0.2)
+        real(self, ckpt, rnd)
+        log.append((rnd, t0, time.perf_counter()))
+
+    monkeypatch.setattr(Server, "_write_checkpoint", slow)
+    server = Server(toy_config(tmp_path, "fedadam"), tmp_path)
+    server.run_rounds(FakeGrid(6))
+    assert [r for r, _, _ in log] == [1, 2, 3, 4, 5]
+    assert all(log[i][2] <= log[i + 1][1] for i in range(len(log) - 1))
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["round"] == 5 and ckpt["records"]["rounds.csv"][0] == 5
