@@ -49,6 +49,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -189,12 +191,13 @@ def _times(spawn: float, ends: dict[int, float], exit_t: float, rounds: int) -> 
             "whole": exit_t - spawn, "round_gaps": gaps}
 
 
-def run_arm(arm: str, cfg, work: Path) -> dict:
-    """Spawn one arm (``ideal``, ``flower`` or ``fedaqt``) and time it; raises RuntimeError when it fails."""
+def run_arm(arm: str, cfg, work: Path, ray_root: Path, timeout: float) -> dict:
+    """Spawn one arm (``ideal``, ``flower`` or ``fedaqt``) and time it; raises RuntimeError when it fails or runs
+    past ``timeout`` seconds (its process group is then killed)."""
     work.mkdir(parents=True, exist_ok=True)
     log_path, out = work / "rounds.log", work / "run"
-    ray_tmp = work / "ray"
-    ray_tmp.mkdir(exist_ok=True)
+    # Ray's sockets live under RAY_TMPDIR/ray/session_<date>_<pid>/sockets/ (AF_UNIX paths <= 107 bytes): a short dir
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir=ray_root))
     if arm == "fedaqt":
         cmd = [FEDAQT, "run", *fedaqt_flags(cfg), "--out", str(out)]
     else:
@@ -204,8 +207,14 @@ def run_arm(arm: str, cfg, work: Path) -> dict:
     csv_path = out / "rounds.csv"
     with open(work / "stdout.txt", "w") as so:
         spawn = time.time()
-        proc = subprocess.Popen(cmd, env=_env(ray_tmp), stdout=so, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, env=_env(ray_tmp), stdout=so, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)  # its own process group: killed whole on a timeout
         while proc.poll() is None:
+            if time.time() - spawn > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                shutil.rmtree(ray_tmp, ignore_errors=True)
+                raise RuntimeError(f"{arm} ran past --arm-timeout {timeout:g} s (killed); its output: {work / 'stdout.txt'}")
             if arm == "fedaqt" and csv_path.exists():  # a rounds.csv row is written when a round ends
                 st = csv_path.stat()
                 n = max(0, csv_path.read_text().count("\n") - 1)
@@ -213,6 +222,7 @@ def run_arm(arm: str, cfg, work: Path) -> dict:
                     ends[r] = st.st_mtime
             time.sleep(0.01)
         exit_t = time.time()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     if proc.returncode != 0:
         tail = (work / "stdout.txt").read_text()[-3000:]
         raise RuntimeError(f"{arm} failed ({proc.returncode}): {' '.join(cmd[:4])} ...\n{tail}")
@@ -291,6 +301,7 @@ def main() -> None:
     ap.add_argument("--arms", default="ideal,flower,fedaqt", help="subset of ideal,flower,fedaqt")
     ap.add_argument("--num-cpus", type=int, default=2, help="cores given to every arm (one per client; default 2)")
     ap.add_argument("--work", default="", help="scratch directory (default: a fresh temp dir, removed)")
+    ap.add_argument("--arm-timeout", type=float, default=1800.0, help="kill an arm's run after this many seconds")
     ap.add_argument("--json", default="", help="write every run's record here")
     ap.add_argument("--worker", choices=("ideal", "flower"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-config", help=argparse.SUPPRESS)
@@ -336,7 +347,11 @@ def main() -> None:
         raise SystemExit(f"error: {exc}") from None
 
     labels = [a for a in arms if a != "fedaqt"] + ([f"fedaqt-{b}" for b in bits] if "fedaqt" in arms else [])
-    work = Path(args.work or tempfile.mkdtemp(prefix="speed-", dir=os.environ.get("RAY_TMPDIR") or None))
+    ray_root = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    ray_root.mkdir(parents=True, exist_ok=True)
+    if len(str(ray_root.resolve())) > 40:
+        raise SystemExit(f"RAY_TMPDIR={ray_root} is too long for Ray's unix sockets (107 bytes); use <= 40 characters")
+    work = Path(args.work or tempfile.mkdtemp(prefix="speed-", dir=ray_root))
     cfg0 = run_config(cprs[0], args.rounds, args.num_cpus)
     print(f"# bench/speed.py: ASR {cfg0.options.get('model_size', 'tiny')} Conformer from scratch, FedSGD, "
           f"{cfg0.num_clients} clients, batch {cfg0.batch_size}, {args.rounds} rounds, --num-cpus {args.num_cpus} "
@@ -354,7 +369,7 @@ def main() -> None:
                 arm, b = (label.split("-")[0], int(label.split("-")[1])) if label.startswith("fedaqt") else (label, 32)
                 cfg = run_config(c, args.rounds, args.num_cpus, b)
                 la = os.getloadavg()[0]
-                rec = run_arm(arm, cfg, work / f"c{c}-r{rep}-{label}")
+                rec = run_arm(arm, cfg, work / f"c{c}-r{rep}-{label}", ray_root, args.arm_timeout)
                 rec.update({"arm_label": label, "arm": arm, "bits": b, "clients_per_round": c, "repeat": rep,
                             "load1_before": la, "load1_after": os.getloadavg()[0]})
                 print(f"  cpr {c} repeat {rep + 1} {label}: start-up {rec['startup']:.2f} s, steady {rec['steady']:.2f} s"
@@ -370,8 +385,6 @@ def main() -> None:
 
         write_json(args.json, records)  # one row per run, with the 1-min load average before and after it
     if not args.work:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,7 +9,10 @@ train ConfigRecord (key ``cfg``), the client's partition is ``context.node_confi
 
 from __future__ import annotations
 
+import os
 import random
+import sys
+import traceback
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -63,7 +66,13 @@ def worker_flower(cfg_json: str, log_path: str) -> None:
                        train_config=ConfigRecord({"lr": float(cfg.server_lr), "cfg": cfg_json}),
                        evaluate_fn=evaluate)
 
-    run_simulation(server_app=server_app, client_app=app, num_supernodes=cfg.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": cfg.num_cpus, "num_gpus": 0, "include_dashboard": False,
-                                                 "object_store_memory": 256 * 1024 * 1024}})
+    try:
+        run_simulation(server_app=server_app, client_app=app, num_supernodes=cfg.num_clients,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": cfg.num_cpus, "num_gpus": 0,
+                                                     "include_dashboard": False,
+                                                     "object_store_memory": 256 * 1024 * 1024}})
+    except BaseException:  # noqa: BLE001 - a crashed Simulation Runtime leaves the ServerApp thread waiting: exit
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
