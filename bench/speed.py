@@ -8,7 +8,8 @@ corpus in ``data/speech``, FedSGD, the configuration ``fedaqt run`` resolves wit
 Every arm is a fresh subprocess (so its start-up is measured):
 
 * ``ideal``: one process tree, no Flower, no Ray: a ``multiprocessing`` pool of ``--num-cpus`` workers (spawned once,
-  ``torch.set_num_threads(1)``), each building the workload and model once; per round the sampled clients'
+  ``torch.set_num_threads(1)``), each building the workload and model once; per round the sampled clients are dealt
+  round-robin to the lanes (the model sent once per lane, each lane returns its ``n_k``-weighted sums), each client's
   FedSGD step (the client's batch from ``Workload.client_batches``, the seeding of
   :func:`fedaqt.client.trainer.client_round`, forward, backward, the gradient) packed on those lanes, then the
   ``n_k``-weighted mean and the server SGD step with momentum (``--server-lr``, ``--server-momentum`` as fedaqt's
@@ -141,8 +142,22 @@ def _ideal_init(cfg_json: str) -> None:
     _client_state(cfg_json)
 
 
-def _ideal_task(args):
-    return client_step(*args)
+def _ideal_lane(args):
+    """One lane's clients of a round, one after another: (sum n_k * gradient_k, sum n_k * buffer change_k, sum n_k),
+    float64, so that the model travels once per lane and round, not once per client."""
+    import numpy as np
+
+    cfg_json, state, clients, rnd = args
+    gsum: dict = {}
+    bsum: dict = {}
+    total = 0
+    for c in clients:
+        grads, bdelta, n, _ = client_step(cfg_json, state, c, rnd)
+        for acc, part in ((gsum, grads), (bsum, bdelta)):
+            for k, v in part.items():
+                acc[k] = acc.get(k, 0.0) + v.astype(np.float64) * n
+        total += n
+    return gsum, bsum, total
 
 
 def worker_ideal(cfg_json: str, log_path: str) -> None:
@@ -160,14 +175,15 @@ def worker_ideal(cfg_json: str, log_path: str) -> None:
         for rnd in range(1, cfg.rounds + 1):
             clients = sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
             state = {**params, **buffers}
-            results = pool.map(_ideal_task, [(cfg_json, state, c, rnd) for c in clients], chunksize=1)
-            total = sum(n for _, _, n, _ in results)
+            lanes = [clients[i::cfg.num_cpus] for i in range(cfg.num_cpus) if clients[i::cfg.num_cpus]]
+            results = pool.map(_ideal_lane, [(cfg_json, state, lane, rnd) for lane in lanes], chunksize=1)
+            total = sum(n for _, _, n in results)
             for k in params:  # weighted mean gradient, server SGD with momentum (fedaqt's FedSGD strategy)
-                g = sum(r[0][k].astype(np.float64) * (r[2] / total) for r in results)
+                g = sum(r[0][k] for r in results) / total
                 velocity[k] = cfg.server_momentum * velocity[k] + g.astype(np.float32)
                 params[k] = params[k] - cfg.server_lr * velocity[k]
             for k in buffers:
-                buffers[k] = buffers[k] + sum(r[1][k] * (r[2] / total) for r in results)
+                buffers[k] = buffers[k] + (sum(r[1][k] for r in results) / total).astype(buffers[k].dtype)
             if rnd == 1 or rnd == cfg.rounds:
                 model.load_state_dict({k: torch.from_numpy(v) for k, v in {**params, **buffers}.items()}, strict=False)
                 wl.evaluate(model, rnd)
