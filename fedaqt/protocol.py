@@ -446,10 +446,11 @@ def normalized_reply(update: Mapping[str, torch.Tensor], keys: Any, num_examples
     """What the strategy receives of one accepted reply: ``UPDATE_KEY`` = ArrayRecord of the decoded float32 update
     of the parameter ``keys`` (numpy arrays, bitwise the decoded tensors) and ``METRICS_KEY`` =
     ``{NUM_EXAMPLES: n}``; sent "from" ``node_id``."""
-    from flwr.app import Array
     from flwr.common import MessageType
 
+    from fedaqt.quant.npy import to_array
+
     # np.array(order="C"), not np.ascontiguousarray: the latter turns a 0-d parameter into shape (1,)
-    arrays = ArrayRecord({k: Array(np.array(update[k].detach().cpu().numpy(), copy=True, order="C")) for k in keys})
+    arrays = ArrayRecord({k: to_array(np.array(update[k].detach().cpu().numpy(), copy=True, order="C")) for k in keys})
     content = RecordDict({UPDATE_KEY: arrays, METRICS_KEY: MetricRecord({NUM_EXAMPLES: int(num_examples)})})
     return Message(content=content, dst_node_id=int(node_id), message_type=MessageType.TRAIN)

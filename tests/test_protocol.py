@@ -213,10 +213,11 @@ def test_every_contract_constant_is_defined_once_in_protocol():
 class StrictStrategy:
     """Wraps a strategy; any attribute but the public names of the server-strategy contract fails loudly
     (an AssertionError, which ``getattr(obj, name, default)`` / ``hasattr`` do not swallow): the four methods plus
-    the optional streaming hooks (``accepts_mean_reply``; DP's ``clip_update`` / ``aggregate_streamed``)."""
+    the optional streaming hooks (``accepts_mean_reply``, ``aggregate_mean``; DP's ``clip_update`` /
+    ``aggregate_streamed``)."""
 
     ALLOWED = ("configure_train", "aggregate_train", "state_dict", "load_state_dict", "accepts_mean_reply",
-               "clip_update", "aggregate_streamed")
+               "clip_update", "aggregate_streamed", "aggregate_mean")
 
     def __init__(self, inner):
         object.__setattr__(self, "_inner", inner)
@@ -244,7 +245,9 @@ def test_server_never_reads_strategy_internals(tmp_path, strategy, algorithm, bi
     server = Server(cfg, tmp_path / "strict")
     server.strategy = StrictStrategy(server.strategy)
     server.run_rounds(FakeGrid(4))
-    assert {"configure_train", "aggregate_train", "state_dict"} <= set(server.strategy.seen) <= set(StrictStrategy.ALLOWED)
+    seen = set(server.strategy.seen)
+    assert {"configure_train", "state_dict"} <= seen <= set(StrictStrategy.ALLOWED)
+    assert seen & {"aggregate_train", "aggregate_mean"}  # a streamed round hands in the mean itself
     for k, a in ref.arrays.items():  # the wrapper changed nothing
         assert np.array_equal(a.numpy(), server.arrays[k].numpy()), k
     clients = pd.read_csv(tmp_path / "strict" / "clients.csv")
@@ -281,14 +284,18 @@ def test_server_averages_the_float_buffers_itself(tmp_path, monkeypatch):
     b0 = {k: np.array(v, copy=True) for k, v in server.buffers.items()}
     assert {"enc1.1.running_mean", "enc1.1.running_var"} <= set(b0)
     seen = []
-    real = server.strategy.aggregate_train
+    real, real_mean = server.strategy.aggregate_train, server.strategy.aggregate_mean
 
     def spy(rnd, replies):
         replies = list(replies)
         seen.extend(set(r.content["arrays"].keys()) for r in replies)
         return real(rnd, replies)
 
-    server.strategy.aggregate_train = spy
+    def spy_mean(rnd, mean, total):  # a streamed round hands the strategy the mean itself
+        seen.append(set(mean))
+        return real_mean(rnd, mean, total)
+
+    server.strategy.aggregate_train, server.strategy.aggregate_mean = spy, spy_mean
     grid = FakeGrid(3)
     server.run_rounds(grid)
     assert seen and all(keys == set(server.spec.param_shapes) for keys in seen)

@@ -30,6 +30,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from .convert import quant_layers
+from .npy import from_array, to_array
 from .pack import check_packed_int4, pack_int4, packed_int4_nbytes, unpack_int4
 from .quantize import check_granularity, dequantize, qmax, quantize
 
@@ -201,14 +202,14 @@ def encode_broadcast(
         if k in qset:
             codes, s = quantize(t.detach().to(torch.float32), bits, granularity)
             if bits == 4:
-                arrays[k] = Array(tensor_to_numpy(pack_int4(codes)))
+                arrays[k] = to_array(tensor_to_numpy(pack_int4(codes)))
             else:
-                arrays[k] = Array(tensor_to_numpy(codes))
-            arrays[k + SCALE_SUFFIX] = Array(tensor_to_numpy(s.to(torch.float32)))
+                arrays[k] = to_array(tensor_to_numpy(codes))
+            arrays[k + SCALE_SUFFIX] = to_array(tensor_to_numpy(s.to(torch.float32)))
         elif t.dtype.is_floating_point:
-            arrays[k] = Array(tensor_to_numpy(t.detach().to(torch.float32)))
+            arrays[k] = to_array(tensor_to_numpy(t.detach().to(torch.float32)))
         else:
-            arrays[k] = Array(tensor_to_numpy(t))
+            arrays[k] = to_array(tensor_to_numpy(t))
     config = ConfigRecord(
         {
             _K_FORMAT: WIRE_FORMAT,
@@ -295,9 +296,9 @@ def iter_decode_broadcast(arrays: ArrayRecord, config: ConfigRecord,
     for k in keys:
         if k.endswith(SCALE_SUFFIX):
             continue
-        a = arrays[k].numpy()
+        a = from_array(arrays[k])  # a read-only view: copied below
         if k in qinfo:
-            value: QTensor | torch.Tensor = _decode_qtensor(k, a, arrays[k + SCALE_SUFFIX].numpy(), *qinfo[k])
+            value: QTensor | torch.Tensor = _decode_qtensor(k, a, from_array(arrays[k + SCALE_SUFFIX]), *qinfo[k])
         else:
             if a.dtype.kind == "f":
                 if a.dtype != np.float32:
@@ -306,7 +307,7 @@ def iter_decode_broadcast(arrays: ArrayRecord, config: ConfigRecord,
                     raise ValueError(f"{k}: non-finite values in the broadcast")
             elif a.dtype.kind not in "iub":
                 raise ValueError(f"{k}: unsupported dtype {a.dtype}")
-            # ``Array.numpy()`` returned a fresh array: no second copy unless it is read-only
+            # from_array gave a read-only view of the record's bytes: the tensor owns a copy
             value = torch.from_numpy(a if a.flags.writeable else np.array(a, copy=True))
         del a
         if release:

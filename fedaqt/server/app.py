@@ -58,6 +58,7 @@ from fedaqt.options import CoreOptions, core_options
 from fedaqt.plugins import get_algorithm_class, get_strategy_plugin, get_workload_class
 from fedaqt.protocol import BROADCAST_KEY, METRICS_KEY, NUM_EXAMPLES, QUANT_META_KEY, BroadcastSpec, ClientRow
 from fedaqt.quant.convert import quantized_weight_keys
+from fedaqt.quant.npy import from_array, to_array
 from fedaqt.quant.wire import QTensor, decode_broadcast, record_nbytes
 from fedaqt.report.rundir import RunDir, replace_atomic, write_json_atomic
 from fedaqt.server.nodes import ActorNodeMap, nodeinfo_of
@@ -178,7 +179,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _encode_state(obj: Any) -> Any:
     """Strategy state -> what ``torch.load(weights_only=True)`` reads back (tensors, dicts, lists, scalars)."""
     if isinstance(obj, ArrayRecord):
-        return {"__arrayrecord__": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in obj.items()}}
+        return {"__arrayrecord__": {k: torch.from_numpy(from_array(a, writable=True)) for k, a in obj.items()}}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": torch.from_numpy(np.array(obj, copy=True))}
     if isinstance(obj, np.generic):
@@ -199,7 +200,7 @@ def _encode_state(obj: Any) -> Any:
 def _decode_state(obj: Any) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {"__arrayrecord__"}:
-            return ArrayRecord({k: Array(t.numpy()) for k, t in obj["__arrayrecord__"].items()})
+            return ArrayRecord({k: to_array(t.numpy()) for k, t in obj["__arrayrecord__"].items()})
         if set(obj) == {"__ndarray__"}:
             return obj["__ndarray__"].numpy()
         if set(obj) == {"__tuple__"}:
@@ -352,7 +353,7 @@ class Server:
         self.spec = make_spec(config, self.workload, self.model)
         self.strategy = build_strategy(config, self.spec)
         params, buffers = float_state_split(self.model)
-        self.arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
+        self.arrays = ArrayRecord({k: to_array(v) for k, v in params.items()})
         #: the float buffers (BatchNorm statistics): broadcast with the parameters, moved by the mean client delta
         self.buffers: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in buffers.items()}
         self.max_examples = self.max_examples_per_reply()
@@ -400,7 +401,7 @@ class Server:
             "format": CHECKPOINT_FORMAT,
             "round": int(rnd),
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
-            "params": {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in self.arrays.items()},
+            "params": {k: torch.from_numpy(from_array(a, writable=True)) for k, a in self.arrays.items()},
             "buffers": {k: torch.from_numpy(np.array(v, copy=True)) for k, v in self.buffers.items()},
             "strategy": strategy_state(self.strategy),
             "rng": rng_state(),
@@ -448,7 +449,7 @@ class Server:
             raise ValueError(f"checkpoint {path} does not match the model (parameter names or shapes differ)")
         done = int(ckpt["round"])
         self.run.check_resume(done, ckpt.get("records"))
-        self.arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
+        self.arrays = ArrayRecord({k: to_array(v) for k, v in params.items()})
         strategy = ckpt["strategy"]
         if "buffers" in ckpt:
             buffers = {k: t.numpy() for k, t in ckpt["buffers"].items()}
@@ -481,7 +482,7 @@ class Server:
             RunAborted: the workload's ``evaluate`` raised; the message names the exception, where it was raised
                 and the ``fedaqt run --resume`` command (the round is not checkpointed, so a resume redoes it).
         """
-        params = {k: a.numpy() for k, a in self.arrays.items()}
+        params = {k: from_array(a, writable=True) for k, a in self.arrays.items()}
         load_into(self.model, params, self.buffers)
         try:
             return self.workload.evaluate(self.model, round_num)
@@ -540,7 +541,7 @@ class Server:
 
     def broadcast_state(self) -> ArrayRecord:
         """What the strategy broadcasts: the float parameters, then the float buffers."""
-        return ArrayRecord({**dict(self.arrays.items()), **{k: Array(np.asarray(v)) for k, v in self.buffers.items()}})
+        return ArrayRecord({**dict(self.arrays.items()), **{k: to_array(np.asarray(v)) for k, v in self.buffers.items()}})
 
     def validate_replies(self, rnd: int, replies: list[Any]) -> tuple[list[ClientRow], list[tuple[Any, dict[str, torch.Tensor], int]]]:
         """Each reply through :func:`fedaqt.protocol.validate_reply`: (clients.csv rows, accepted ``(reply, update,
@@ -728,12 +729,15 @@ class Server:
         rows = self.record_timeouts(rnd, messages, answered, timeout, rows)
         if not params.count:
             return rows, 0, None, None, dict(self.buffers)
-        mean = params.mean()
-        reply = protocol.normalized_reply({k: torch.from_numpy(mean[k]) for k in keys}, keys, params.total, 0)
+        mean = {k: torch.from_numpy(v) for k, v in params.mean().items()}
         if hasattr(self.strategy, "aggregate_streamed"):
+            reply = protocol.normalized_reply(mean, keys, params.total, 0)
             new_arrays, metrics = self.strategy.aggregate_streamed(rnd, reply, max_n, params.total, clipped,
                                                                     params.count)
+        elif hasattr(self.strategy, "aggregate_mean"):  # QuantizedMixin: the mean itself, not encoded into a reply
+            new_arrays, metrics = self.strategy.aggregate_mean(rnd, {k: mean[k] for k in keys}, params.total)
         else:
+            reply = protocol.normalized_reply(mean, keys, params.total, 0)
             new_arrays, metrics = self.strategy.aggregate_train(rnd, [reply])
         bmean = buffers.mean() if buffers.shapes else {}
         new_buffers = {k: (v + bmean[k]).astype(v.dtype) if k in bmean else v for k, v in self.buffers.items()}
@@ -820,7 +824,7 @@ class Server:
         """'' when every aggregated parameter and float buffer (``buffers``, default the current ones) is finite,
         else which key is not (and how)."""
         for k, a in arrays.items():
-            v = np.asarray(a.numpy())
+            v = from_array(a)
             if v.dtype.kind in "fc" and not np.isfinite(v).all():
                 return f"{k}: {int(np.isnan(v).sum())} NaN, {int(np.isinf(v).sum())} inf of {v.size} values"
         for k, v in (self.buffers if buffers is None else buffers).items():
@@ -852,9 +856,9 @@ class Server:
         dtypes = {k: p.detach().numpy().dtype for k, p in self.model.named_parameters()}
         out = {}
         for k, a in arrays.items():
-            v = np.asarray(a.numpy())
+            v = from_array(a)
             want = dtypes.get(k, v.dtype)
-            out[k] = Array(v if v.dtype == want else v.astype(want))
+            out[k] = a if v.dtype == want else to_array(v.astype(want))  # an unchanged record is reused as it is
         return ArrayRecord(out)
 
     def in_partition_order(self, replies: list[Any]) -> list[Any]:

@@ -43,6 +43,7 @@ from fedaqt.protocol import (  # noqa: F401 - BroadcastSpec/ClientRow re-exporte
     ClientRow,
     encode_train,
 )
+from fedaqt.quant.npy import from_array, to_array
 from fedaqt.quant.wire import QTensor, decode_broadcast, encode_broadcast
 
 log = logging.getLogger("fedaqt.strategy")
@@ -145,9 +146,9 @@ class QuantizedMixin:
         messages = list(super().configure_train(server_round, params, config, grid))  # type: ignore[misc]
         if not messages:
             return []
-        full = {k: np.asarray(a.numpy()) for k, a in arrays.items()}
+        full = {k: from_array(a, writable=True) for k, a in arrays.items()}
         self.current_float = {k: v for k, v in full.items() if k not in buffer_keys}
-        state = {k: torch.from_numpy(np.array(v)) for k, v in full.items()}
+        state = {k: torch.from_numpy(v) for k, v in full.items()}  # shares full's memory: encode_broadcast copies
         q_arrays, q_meta = encode_broadcast(state, self.spec.quantized_keys, self.spec.bits, self.spec.granularity)
         # the codes + float32 scales exactly as sent (the relay's Q(w))
         self.sent_quantized = {}
@@ -176,18 +177,16 @@ class QuantizedMixin:
         Raises:
             ValueError: a reply without the ``arrays``/``metrics`` records or an update key of the spec.
         """
-        self._round_metrics = {}
-        if self.lr_schedule != "constant":
-            self.record_metric("server_lr", next(getattr(self, a) for a in self._base_lr))
         accepted = []
         for msg in replies:
             arrays = msg.content.array_records.get(UPDATE_KEY)
             metrics = msg.content.metric_records.get(METRICS_KEY)
             if arrays is None or metrics is None:
                 raise ValueError("aggregate_train expects normalized replies (fedaqt.protocol.normalized_reply)")
-            accepted.append(({k: torch.from_numpy(np.asarray(a.numpy())) for k, a in arrays.items()},
+            accepted.append(({k: torch.from_numpy(from_array(a, writable=True)) for k, a in arrays.items()},
                              int(metrics[NUM_EXAMPLES])))
         if not accepted or self.current_float is None:
+            self._round_metrics = {}
             return None, None
         total = sum(n for _, n in accepted)
         mean: dict[str, torch.Tensor] = {}
@@ -198,6 +197,20 @@ class QuantizedMixin:
                     raise ValueError(f"aggregate_train: a reply has no update for {key!r}")
                 acc += update[key].to(torch.float64) * (n / total)
             mean[key] = acc
+        return self.aggregate_mean(server_round, mean, total)
+
+    def aggregate_mean(self, server_round: int, mean: dict[str, torch.Tensor],
+                       total: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The server step of :meth:`aggregate_train` from the weighted mean itself: ``mean`` = ``{key: float64
+        tensor of the parameter's shape}`` = ``sum_k n_k u_k / total``, ``total`` = ``sum_k n_k`` (examples).
+        The streaming round (:mod:`fedaqt.server.app`) calls it with its running sums' mean, which skips
+        encoding that mean into a reply only to decode it again; ``aggregate_train`` of one reply holding ``mean``
+        gives the same result bit for bit. ``(None, None)`` before the first broadcast."""
+        self._round_metrics = {}
+        if self.lr_schedule != "constant":
+            self.record_metric("server_lr", next(getattr(self, a) for a in self._base_lr))
+        if self.current_float is None:
+            return None, None
         if self.mean_noise is not None and self.mean_noise[0] > 0:  # central DP: noise on the mean, before the step
             std, rng = self.mean_noise
             for key, shape in self.spec.param_shapes.items():
@@ -206,7 +219,7 @@ class QuantizedMixin:
         sign = -1.0 if self.spec.update_kind == "gradient" else 1.0
         pseudo = {}
         for key, current in self.current_float.items():
-            pseudo[key] = Array(np.asarray(current + sign * mean[key].numpy().astype(current.dtype), dtype=current.dtype))
+            pseudo[key] = to_array(np.asarray(current + sign * mean[key].numpy().astype(current.dtype), dtype=current.dtype))
         synthetic = Message(
             content=RecordDict(
                 {self.arrayrecord_key: ArrayRecord(pseudo),  # type: ignore[attr-defined]
