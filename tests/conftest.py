@@ -13,6 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPEECH = ROOT / "data" / "speech"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory):
+    """fedaqt's on-disk caches (the corpus scan's audio checks) go to a folder of this test session, not the
+    user's ~/.cache (subprocesses and Ray actors inherit the variable)."""
+    old = os.environ.get("FEDAQT_CACHE_DIR")
+    os.environ["FEDAQT_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedaqt-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FEDAQT_CACHE_DIR", None)
+    else:
+        os.environ["FEDAQT_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _flower_task_identity():
     """Messages built outside a running ServerApp need a task identity (Flower sets it inside simulations)."""

@@ -234,3 +234,50 @@ def test_truncated_flac_is_skipped_at_scan_with_its_path_and_load_audio_names_a_
         load_audio(damaged)
     with pytest.raises(RuntimeError):  # still a RuntimeError, as LibsndfileError was
         load_audio(damaged)
+
+
+def test_scan_audio_checks_cached_on_disk_and_redone_for_changed_files(tiny_tree: Path, tmp_path: Path, monkeypatch):
+    """Start-up (issue 16): a repeated scan of an unchanged corpus re-checks no audio file; a file whose size or
+    mtime changed is checked again; a corrupt cache file is ignored. Reference: the scan with the cache off."""
+    from fedaqt.data import speech
+
+    calls: list[Path] = []
+    check = speech._readable_audio
+    monkeypatch.setattr(speech, "_readable_audio", lambda p: calls.append(p) or check(p))
+    monkeypatch.setenv("FEDAQT_CACHE_DIR", "off")
+    reference = scan_librispeech(tiny_tree, "train-clean-100")
+    n_files = len(calls)
+    assert n_files == 5  # every audio file with a transcript line (103-0001 has no audio, 200 no lines)
+
+    monkeypatch.setenv("FEDAQT_CACHE_DIR", str(tmp_path / "cache"))
+    calls.clear()
+    assert scan_librispeech(tiny_tree, "train-clean-100") == reference
+    assert len(calls) == n_files
+    calls.clear()
+    assert scan_librispeech(tiny_tree, "train-clean-100") == reference
+    assert calls == []  # every check came from the cache
+
+    # truncate one file (same path, new size): checked again, and now skipped
+    cut = tiny_tree / "train-clean-100" / "19" / "198" / "19-198-0001.flac"
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    calls.clear()
+    got = scan_librispeech(tiny_tree, "train-clean-100")
+    assert [p.name for p in calls] == [cut.name]
+    assert [u.utt_id for u in got["19"]] == ["19-198-0000"]
+    # same size, new mtime: checked again
+    import os
+
+    st = cut.stat()
+    os.utime(cut, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    calls.clear()
+    scan_librispeech(tiny_tree, "train-clean-100")
+    assert [p.name for p in calls] == [cut.name]
+
+    # a corrupt cache file is ignored (everything checked again, same result as without the cache)
+    cut.write_bytes(whole)
+    for f in (tmp_path / "cache").glob("audio-checks-*.json"):
+        f.write_text("{not json")
+    calls.clear()
+    assert scan_librispeech(tiny_tree, "train-clean-100") == reference
+    assert len(calls) == n_files

@@ -14,8 +14,13 @@ with ``torchaudio.functional.resample``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import re
+import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +181,83 @@ def _readable_audio(path: Path) -> str | None:
     return None
 
 
+#: environment variable naming the folder of fedaqt's on-disk caches (default ``$XDG_CACHE_HOME/fedaqt``, else
+#: ``~/.cache/fedaqt``); ``FEDAQT_CACHE_DIR=off`` disables them
+CACHE_ENV = "FEDAQT_CACHE_DIR"
+_CHECK_CACHE_VERSION = 1
+
+
+def cache_dir() -> Path | None:
+    """Folder of fedaqt's on-disk caches (see :data:`CACHE_ENV`); None when disabled."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env.lower() == "off":
+        return None
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base) if base else Path.home() / ".cache") / "fedaqt"
+
+
+class _AudioChecks:
+    """:func:`_readable_audio` results of one subset folder, kept on disk between processes.
+
+    Why our own: checking every file (header + last frame) is most of a corpus scan (~2 s for the default 6000-file
+    corpus), and a run repeats the scan in the driver and in every client process. An entry is reused only while
+    the file's ``(size, mtime_ns)`` is unchanged, so a rewritten or truncated file is checked again. The cache is
+    an optimization only: an unreadable or foreign cache file is ignored, and a failed write is logged at debug
+    level; writes go through a temporary file and ``os.replace`` (concurrent client processes never see a partial
+    file)."""
+
+    def __init__(self, subset_dir: Path) -> None:
+        self.subset_dir = subset_dir
+        self.entries: dict[str, list] = {}
+        self.changed = False
+        folder = cache_dir()
+        self.path = None
+        if folder is None:
+            return
+        digest = hashlib.sha1(str(subset_dir).encode()).hexdigest()[:16]
+        self.path = folder / f"audio-checks-{digest}.json"
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") == _CHECK_CACHE_VERSION and data.get("subset") == str(subset_dir):
+                self.entries = {k: v for k, v in data["entries"].items() if isinstance(v, list) and len(v) == 3}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            self.entries = {}
+
+    def reason(self, path: Path) -> str | None:
+        """:func:`_readable_audio` of ``path``, from the cache when the file is unchanged."""
+        try:
+            st = path.stat()
+        except OSError:
+            return _readable_audio(path)
+        key = str(path.relative_to(self.subset_dir)) if path.is_relative_to(self.subset_dir) else str(path)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        out = _readable_audio(path)
+        self.entries[key] = [st.st_size, st.st_mtime_ns, out]
+        self.changed = True
+        return out
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"version": _CHECK_CACHE_VERSION, "subset": str(self.subset_dir), "entries": self.entries}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".audio-checks-", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.debug("audio-check cache not written to %s (%s)", self.path, exc)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
 def _missing_message(what: Path, root: Path) -> str:
     hint = ""
     if root.is_dir():
@@ -210,7 +292,9 @@ def scan_librispeech(root: str | Path, subset: str) -> dict[str, list[Utterance]
     libsndfile reads with at least one frame and whose last frame decodes (a truncated file is skipped, and
     logged with its path). Unusable utterances are skipped; a speaker left with no usable
     utterance is skipped. Each skip is logged as a warning on the ``"fedaqt.data"`` logger naming the speaker
-    (one line per speaker, with counts by reason); nothing raises for bad content.
+    (one line per speaker, with counts by reason); nothing raises for bad content. Each file's check is cached on
+    disk by ``(size, mtime_ns)`` (:class:`_AudioChecks`, folder :func:`cache_dir`; ``FEDAQT_CACHE_DIR=off``
+    disables it), so repeated scans of an unchanged corpus read only the folder listing and the transcripts.
 
     Args:
         root: corpus root (the folder holding the subset folders, e.g. ``.../LibriSpeech``).
@@ -233,6 +317,7 @@ def scan_librispeech(root: str | Path, subset: str) -> dict[str, list[Utterance]
     subset_dir = subset_dir.resolve()
 
     result: dict[str, list[Utterance]] = {}
+    checks = _AudioChecks(subset_dir)
     speaker_dirs = sorted(
         (p for p in subset_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural_key(p.name)
     )
@@ -268,7 +353,7 @@ def scan_librispeech(root: str | Path, subset: str) -> dict[str, list[Utterance]
                 if not transcript:
                     skip("empty transcript")
                     continue
-                reason = _readable_audio(audio[utt_id])
+                reason = checks.reason(audio[utt_id])
                 if reason is not None:
                     logger.warning("skipping %s: %s", audio[utt_id], reason)
                     skip(reason)
@@ -284,4 +369,5 @@ def scan_librispeech(root: str | Path, subset: str) -> dict[str, list[Utterance]
         if skipped:
             logger.warning("speaker %s in %s: skipped %d utterance(s): %s", speaker, subset_dir, sum(skipped.values()), reasons)
         result[speaker] = utts
+    checks.save()
     return result
