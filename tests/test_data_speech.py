@@ -274,6 +274,16 @@ def test_scan_audio_checks_cached_on_disk_and_redone_for_changed_files(tiny_tree
     scan_librispeech(tiny_tree, "train-clean-100")
     assert [p.name for p in calls] == [cut.name]
 
+    # a cache entry of the wrong shape is dropped and checked again (a tampered reason cannot skip a good file)
+    cache_file = next((tmp_path / "cache").glob("audio-checks-*.json"))
+    data = json.loads(cache_file.read_text())
+    key = next(k for k in data["entries"] if k.endswith("1001-5-0000.flac"))
+    data["entries"][key] = [data["entries"][key][0], data["entries"][key][1], 7]
+    cache_file.write_text(json.dumps(data))
+    calls.clear()
+    assert scan_librispeech(tiny_tree, "train-clean-100")["1001"] == reference["1001"]
+    assert [p.name for p in calls] == ["1001-5-0000.flac"]
+
     # a corrupt cache file is ignored (everything checked again, same result as without the cache)
     cut.write_bytes(whole)
     for f in (tmp_path / "cache").glob("audio-checks-*.json"):

@@ -221,7 +221,12 @@ class _AudioChecks:
         try:
             data = json.loads(self.path.read_text())
             if data.get("version") == _CHECK_CACHE_VERSION and data.get("subset") == str(subset_dir):
-                self.entries = {k: v for k, v in data["entries"].items() if isinstance(v, list) and len(v) == 3}
+                # an entry is [size, mtime_ns, reason or None]; anything else is dropped (checked again)
+                self.entries = {
+                    k: v for k, v in data["entries"].items()
+                    if isinstance(v, list) and len(v) == 3 and all(type(x) is int for x in v[:2])
+                    and (v[2] is None or isinstance(v[2], str))
+                }
         except (OSError, ValueError, KeyError, AttributeError, TypeError):
             self.entries = {}
 
