@@ -22,7 +22,6 @@ Usage: ``python bench/layer_bits.py [--repeats 20] [--rounds 6] [--threads 1] [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402
 from int4_packed import _step  # noqa: E402  (the same forward + backward as the int4 bench)
 
 from fedaqt.quant import QuantConv1d, QuantConv2d, QuantLinear, QuantMultiheadAttention  # noqa: E402
@@ -95,12 +95,13 @@ def workload_rows(names: list[str], rounds: int) -> list[dict]:
     from fedaqt.plugins import get_workload_class
 
     rows = []
+    out = tempfile.TemporaryDirectory(prefix="layer-bits-")  # RunConfig needs a run directory; nothing is written
     for name in names:
         row: dict = {"kind": "workload", "name": name}
         try:
             for bits in (32, 8, 4):
                 cfg = resolve_config(None, None, {"workload": name, "strategy": "fedsgd", "algorithm": "fedsgd",
-                                                  "bits": bits, "seed": 0, "out": tempfile.mkdtemp(),
+                                                  "bits": bits, "seed": 0, "out": out.name,
                                                   **WORKLOAD_OPTIONS.get(name, {})})
                 workload = get_workload_class(name)(cfg)
                 workload.prepare()
@@ -115,6 +116,7 @@ def workload_rows(names: list[str], rounds: int) -> list[dict]:
         except (FileNotFoundError, OSError) as exc:
             row["skipped"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
+    out.cleanup()
     return rows
 
 
@@ -146,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                   *(f"{v:.2f}" + ("" if v <= TARGET else " NOT MET") for v in ratios))
     console.print(t)
     print(f"# load average after {os.getloadavg()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json or "", rows)
     return 0
 
 

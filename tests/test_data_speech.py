@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import string
 from pathlib import Path
 
@@ -266,8 +267,6 @@ def test_scan_audio_checks_cached_on_disk_and_redone_for_changed_files(tiny_tree
     assert [p.name for p in calls] == [cut.name]
     assert [u.utt_id for u in got["19"]] == ["19-198-0000"]
     # same size, new mtime: checked again
-    import os
-
     st = cut.stat()
     os.utime(cut, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     calls.clear()

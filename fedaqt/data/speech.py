@@ -201,8 +201,8 @@ def cache_dir() -> Path | None:
 class _AudioChecks:
     """:func:`_readable_audio` results of one subset folder, kept on disk between processes.
 
-    Why our own: checking every file (header + last frame) is most of a corpus scan (~2 s for the default 6000-file
-    corpus), and a run repeats the scan in the driver and in every client process. An entry is reused only while
+    Why our own: checking every file (header + last frame) is most of a corpus scan (the default corpus's train subset:
+    0.94 s, 0.11 s from this cache), and a run repeats the scan in the driver and in every client process. An entry is reused only while
     the file's ``(size, mtime_ns)`` is unchanged, so a rewritten or truncated file is checked again. The cache is
     an optimization only: an unreadable or foreign cache file is ignored, and a failed write is logged at debug
     level; writes go through a temporary file and ``os.replace`` (concurrent client processes never see a partial
@@ -236,7 +236,7 @@ class _AudioChecks:
             st = path.stat()
         except OSError:
             return _readable_audio(path)
-        key = str(path.relative_to(self.subset_dir)) if path.is_relative_to(self.subset_dir) else str(path)
+        key = path.relative_to(self.subset_dir).as_posix()  # the scan only passes files under subset_dir
         hit = self.entries.get(key)
         if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
